@@ -105,6 +105,9 @@ def _bwd_reference(g_out, g_s, q, m, k, v, out, s, lse_s, lse_o, scale):
 
 
 def _fwd_cpu(q, m, k, v, scale):
+    # PyTorch's CPU flash kernel gives wrong results on some strided inputs (e.g. a d-major k):
+    # hand it dense tensors (no copy when already contiguous).
+    q, m, k, v = (t.contiguous() for t in (q, m, k, v))
     s, lse_s = _aten._scaled_dot_product_flash_attention_for_cpu(m, k, v, 0.0, False, scale=scale)
     out, lse_o = _aten._scaled_dot_product_flash_attention_for_cpu(q, m, s, 0.0, False,
                                                                    scale=scale)
@@ -114,6 +117,7 @@ def _fwd_cpu(q, m, k, v, scale):
 
 def _bwd_cpu(g_out, g_s, q, m, k, v, out, s, lse_s, lse_o, scale):
     bwd = _aten._scaled_dot_product_flash_attention_for_cpu_backward
+    q, m, k, v = (t.contiguous() for t in (q, m, k, v))
     dq, dm2, ds = bwd(g_out.contiguous(), q, m, s, out, lse_o, 0.0, False, scale=scale)
     if g_s is not None:
         ds = ds + g_s
@@ -169,8 +173,9 @@ def _mediator_attention_backward_op(grad_out: Tensor, grad_summary: Optional[Ten
     if q.numel() == 0:
         return _bwd_reference(grad_out, grad_summary, q, m, k, v, out, summary, lse_summary,
                               lse_out, scale)
-    return _BWD[_dispatch.select(OP, q)](grad_out.contiguous(), grad_summary, q, m, k, v, out,
-                                          summary, lse_summary, lse_out, scale)
+    grads = _BWD[_dispatch.select(OP, q)](grad_out.contiguous(), grad_summary, q, m, k, v, out,
+                                           summary, lse_summary, lse_out, scale)
+    return tuple(g.contiguous() for g in grads)  # the fake promises dense gradients
 
 
 @_mediator_attention_backward_op.register_fake

@@ -1,0 +1,49 @@
+"""Test set-up: without a GPU, Triton kernels run in the interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before varformer.kernels is imported, so it is set here, first."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("VARFORMER_BACKEND", "auto")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+
+
+def triton_usable() -> bool:
+    from varformer.ops import _dispatch
+    return _dispatch.triton_status(DEVICE)[0]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+    if ON_GPU:
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """Parametrize indirectly with 'reference' / 'auto' / 'triton'; sets VARFORMER_BACKEND."""
+    name = request.param
+    if name == "triton" and not triton_usable():
+        pytest.skip("Triton unusable here")
+    monkeypatch.setenv("VARFORMER_BACKEND", name)
+    return name
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values in result"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# relative-norm tolerances per dtype: forward and gradients (fp32 accumulation everywhere)
+TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4),
+       torch.float16: (4e-3, 1e-2), torch.bfloat16: (2e-2, 5e-2)}
