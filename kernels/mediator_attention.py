@@ -24,7 +24,7 @@ consumes the same saved tensors. Launchers take ``[B, H, T, d]`` tensors with ar
 from __future__ import annotations
 
 import functools
-import math
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -326,11 +326,22 @@ def tiles_for(d: int) -> Tiles:
     return Tiles(32, triton.cdiv(d, 32), 256, triton.cdiv(d, 256))
 
 
-# (BLOCK_M, BLOCK_N, num_warps) per kernel family, keyed by BLOCK_DV. The ahead-of-time compile
-# check (tests/ops/test_gpu_compile.py, `varformer bench --compile-report`) builds exactly these.
-FWD_CFG = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 4), 256: (64, 32, 8)}
-DKDV_CFG = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 8), 256: (32, 32, 8)}
-DQ_CFG = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 8), 256: (64, 32, 8)}
+# (BLOCK_M, BLOCK_N, num_warps) per kernel family, keyed by (fp32?, BLOCK_DV); chosen so that
+# ptxas reports no register spills on sm_90a (fp32 without TF32 runs dots on the FMA units and
+# needs smaller tiles). The ahead-of-time compile check (tests/ops/test_gpu_compile.py,
+# `varformer bench --compile-report`) builds exactly these.
+FWD_CFG = {(False, 16): (64, 64, 4), (False, 32): (64, 64, 4), (False, 64): (64, 64, 8),
+           (False, 128): (64, 32, 8), (False, 256): (64, 32, 8),
+           (True, 16): (32, 32, 4), (True, 32): (32, 32, 8), (True, 64): (32, 32, 8),
+           (True, 128): (32, 16, 8), (True, 256): (32, 16, 8)}
+DKDV_CFG = {(False, 16): (64, 64, 4), (False, 32): (64, 64, 4), (False, 64): (64, 64, 8),
+            (False, 128): (32, 32, 8), (False, 256): (16, 32, 8),
+            (True, 16): (32, 32, 4), (True, 32): (32, 32, 8), (True, 64): (32, 32, 8),
+            (True, 128): (16, 32, 8), (True, 256): (16, 16, 8)}
+DQ_CFG = {(False, 16): (64, 64, 4), (False, 32): (64, 64, 4), (False, 64): (64, 64, 8),
+          (False, 128): (32, 32, 8), (False, 256): (64, 32, 8),
+          (True, 16): (32, 32, 4), (True, 32): (32, 32, 8), (True, 64): (32, 32, 8),
+          (True, 128): (16, 32, 8), (True, 256): (16, 16, 8)}
 COMBINE_CFG = {bdv: (32, 4) for bdv in (16, 32, 64, 128, 256)}
 MAX_HEAD_DIM = 640
 
@@ -384,7 +395,7 @@ def attention_forward(q, k, v, scale: float, num_splits: int | None = None):
     B, H, M, D = q.shape
     N = k.shape[2]
     t = tiles_for(D)
-    bm, bn, warps = FWD_CFG[t.BLOCK_DV]
+    bm, bn, warps = FWD_CFG[q.dtype == torch.float32, t.BLOCK_DV]
     m_blocks, n_blocks = triton.cdiv(M, bm), triton.cdiv(N, bn)
     splits = _num_splits(m_blocks * B * H * t.num_dv, n_blocks, q.device, num_splits)
     n_per_split, splits = _split_range(n_blocks, bn, N, splits)
@@ -418,7 +429,7 @@ def attention_backward(do, q, k, v, out, lse, scale: float, num_splits: int | No
     lse = lse.contiguous()
 
     # dK, dV: parallel over key blocks, loop over queries (split when key blocks are few)
-    bm, bn, warps = DKDV_CFG[t.BLOCK_DV]
+    bm, bn, warps = DKDV_CFG[q.dtype == torch.float32, t.BLOCK_DV]
     n_blocks, m_blocks = triton.cdiv(N, bn), triton.cdiv(M, bm)
     splits = _num_splits(n_blocks * B * H * t.num_dv, m_blocks, q.device, num_splits)
     m_per_split, splits = _split_range(m_blocks, bm, M, splits)
@@ -433,7 +444,7 @@ def attention_backward(do, q, k, v, out, lse, scale: float, num_splits: int | No
     dv = dv[0] if splits == 1 else dv.sum(0).to(q.dtype)
 
     # dQ: parallel over query blocks, loop over keys
-    bm, bn, warps = DQ_CFG[t.BLOCK_DV]
+    bm, bn, warps = DQ_CFG[q.dtype == torch.float32, t.BLOCK_DV]
     m_blocks, n_blocks = triton.cdiv(M, bm), triton.cdiv(N, bn)
     splits = _num_splits(m_blocks * B * H * t.num_dv, n_blocks, q.device, num_splits)
     n_per_split, splits = _split_range(n_blocks, bn, N, splits)
@@ -476,41 +487,45 @@ def compile_inventory(dtypes=("fp32", "fp16", "bf16")):
     Yields dicts: name, fn, signature, constexprs, num_warps, label."""
     out = []
     tiles = {t.BLOCK_DV: t for t in (tiles_for(d) for d in (16, 32, 64, 128, 160))}
-    for dt in dtypes:
-        prec = "ieee" if dt == "fp32" else "tf32"
+    variants = [(dt, "ieee" if dt == "fp32" else "tf32") for dt in dtypes]
+    if "fp32" in dtypes:  # fp32 with torch.backends.cuda.matmul.allow_tf32 = True
+        variants.append(("fp32", "tf32"))
+    for dt, prec in variants:
+        f32 = dt == "fp32"
         for bdv, t in sorted(tiles.items()):
             common = dict(BLOCK_DK=t.BLOCK_DK, SINGLE=t.single, BLOCK_DV=bdv, PREC=prec,
                           UPCAST=False)
-            bm, bn, w = FWD_CFG[bdv]
+            tag = f"{dt}{'/tf32' if f32 and prec == 'tf32' else ''} BLOCK_DV={bdv}"
+            bm, bn, w = FWD_CFG[f32, bdv]
             for o_dt in sorted({dt, "fp32"}):
                 ptrs = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", O=f"*{o_dt}", LSE="*fp32")
                 out.append(_entry("mediator_fwd", _attn_fwd, ptrs, ["scale_log2"],
-                                  dict(BLOCK_M=bm, BLOCK_N=bn, **common), w,
-                                  f"{dt} BLOCK_DV={bdv} out={o_dt}"))
-            cbm, cw = COMBINE_CFG[bdv]
-            out.append(_entry("mediator_combine", _attn_combine,
-                              dict(OP="*fp32", LP="*fp32", O=f"*{dt}", LSE="*fp32"), [],
-                              dict(BLOCK_M=cbm, BLOCK_DV=bdv), cw, f"{dt} BLOCK_DV={bdv}"))
+                                  dict(BLOCK_M=bm, BLOCK_N=bn, **common), w, f"{tag} out={o_dt}"))
+            if prec == "ieee" or not f32:
+                cbm, cw = COMBINE_CFG[bdv]
+                out.append(_entry("mediator_combine", _attn_combine,
+                                  dict(OP="*fp32", LP="*fp32", O=f"*{dt}", LSE="*fp32"), [],
+                                  dict(BLOCK_M=cbm, BLOCK_DV=bdv), cw, tag))
             for name, fn, cfg, gnames in (("mediator_bwd_dkdv", _attn_bwd_dkdv, DKDV_CFG, "DK DV"),
                                           ("mediator_bwd_dq", _attn_bwd_dq, DQ_CFG, "DQ")):
-                bm, bn, w = cfg[bdv]
+                bm, bn, w = cfg[f32, bdv]
                 for g_dt in sorted({dt, "fp32"}):
                     ptrs = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32",
                                 DELTA="*fp32", **{g: f"*{g_dt}" for g in gnames.split()})
                     out.append(_entry(name, fn, ptrs, ["scale", "scale_log2"],
                                       dict(BLOCK_M=bm, BLOCK_N=bn, **common), w,
-                                      f"{dt} BLOCK_DV={bdv} grad={g_dt}"))
+                                      f"{tag} grad={g_dt}"))
     return out
 
 
 def _entry(name, fn, ptrs: dict, floats: list, constexprs: dict, num_warps: int, label: str):
     sig = {}
-    for p in fn.params:
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-        elif p.name in ptrs:
-            sig[p.name] = ptrs[p.name]
+    for arg, p in inspect.signature(getattr(fn, "fn", fn)).parameters.items():
+        if "constexpr" in str(p.annotation):
+            sig[arg] = "constexpr"
+        elif arg in ptrs:
+            sig[arg] = ptrs[arg]
         else:
-            sig[p.name] = "fp32" if p.name in floats else "i32"
+            sig[arg] = "fp32" if arg in floats else "i32"
     return dict(name=name, fn=fn, signature=sig, constexprs=constexprs, num_warps=num_warps,
                 label=label)
