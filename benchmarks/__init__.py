@@ -1,0 +1,1 @@
+"""Benchmarks of varformer's ops (installed as ``varformer.benchmarks``; CLI: ``varformer bench``)."""

@@ -1,0 +1,287 @@
+"""Benchmark harness shared by every op (installed as ``varformer.benchmarks.harness``).
+
+* time: CUDA — ``triton.testing.do_bench`` (CUDA events, median and p20/p80, gradients reset
+  between runs); CPU — wall-clock median and p20/p80 over repeated calls.
+* peak memory: CUDA — ``max_memory_allocated`` above what was allocated before the call; CPU —
+  the process's resident high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
+  above the resident size before the call.
+* achieved TFLOP/s and GB/s from per-op counts, and the fraction of the roofline: the ideal time
+  max(FLOPs / peak FLOP/s, bytes / peak bandwidth) over the measured time.
+* results: CSV rows, a markdown table, one plot per op (matplotlib, optional).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as _dt
+import gc
+import os
+import platform
+import re
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+# ------------------------------------------------------------------------------ machine peaks
+@dataclasses.dataclass
+class Peaks:
+    """Per-device ceilings: bytes/s and FLOP/s per compute dtype."""
+    name: str
+    bandwidth: float
+    flops: dict
+
+    def ideal_seconds(self, flops: float, nbytes: float, dtype: torch.dtype) -> float:
+        return max(flops / self.flops[dtype], nbytes / self.bandwidth)
+
+
+# Measured on this project's lent machines where noted in benchmarks/results; datasheet otherwise.
+_GPU_PEAKS = {
+    # device-to-device copy ~3.0 TB/s, bf16 GEMM ~798 TFLOP/s measured on an H100 80GB HBM3;
+    # TF32 ~half of bf16 (datasheet ratio), fp32 FMA 67 TFLOP/s (datasheet)
+    "H100": Peaks("H100", 3.0e12, {torch.bfloat16: 798e12, torch.float16: 798e12,
+                                   torch.float32: 67e12}),
+    # H200: ~4.3 TB/s copy, ~790 TFLOP/s bf16 measured
+    "H200": Peaks("H200", 4.3e12, {torch.bfloat16: 790e12, torch.float16: 790e12,
+                                   torch.float32: 67e12}),
+}
+
+
+def device_peaks(device: str) -> Peaks | None:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peaks in _GPU_PEAKS.items():
+        if key in name:
+            return peaks
+    return None
+
+
+def describe_device(device: str) -> str:
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name} ({p.multi_processor_count} SMs)"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+# ------------------------------------------------------------------------------ measurement
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        m = re.search(rf"{field}:\s+(\d+)", f.read())
+    return int(m.group(1)) if m else 0
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap pages back to the OS so that the next call's peak shows in VmHWM."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
+    """Peak memory of one call above what was live before it (MB)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    _malloc_trim()
+    if not _reset_hwm():
+        return float("nan")
+    base = _rss_kb("VmRSS")
+    fn()
+    return max(0, _rss_kb("VmHWM") - base) / 1024
+
+
+def time_ms(fn: Callable[[], object], device: str, grad_to_none=None, quick=False):
+    """(median, p20, p80) milliseconds of ``fn``."""
+    if device == "cuda":
+        from triton.testing import do_bench
+        med, p20, p80 = do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
+                                 grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+        return med, p20, p80
+    fn()  # warm-up
+    reps, times, t_end = 0, [], time.perf_counter() + (1.0 if quick else 5.0)
+    while reps < 3 or (time.perf_counter() < t_end and reps < 50):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        reps += 1
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+    return statistics.median(times), q(0.2), q(0.8)
+
+
+# ------------------------------------------------------------------------------ cases
+@dataclasses.dataclass
+class Provider:
+    """One implementation of an op for one shape.
+
+    ``make(mode)`` builds inputs and returns (callable, tensors-with-grad); mode is "fwd" or
+    "fwd+bwd". ``baseline`` marks the implementation speed-ups are measured against."""
+    name: str
+    dtype: torch.dtype
+    make: Callable[[str], tuple]
+    baseline: bool = False
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    shape: str
+    flops: Callable[[str], float]       # mode -> FLOPs of one call
+    nbytes: Callable[[str, torch.dtype], float]  # (mode, dtype) -> minimal bytes of one call
+    providers: list
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    shape: str
+    mode: str
+    provider: str
+    dtype: str
+    ms: float
+    p20: float
+    p80: float
+    peak_mb: float
+    tflops: float
+    gbps: float
+    roofline: float
+    speedup: float
+    vs_fp32: float = float("nan")
+    note: str = ""
+
+
+def run_case(case: Case, device: str, modes=("fwd", "fwd+bwd"), quick=False,
+             log: Callable[[str], None] = print) -> list[Row]:
+    peaks = device_peaks(device)
+    rows = []
+    for mode in modes:
+        base_ms = {}
+        mode_rows = []
+        for prov in case.providers:
+            try:
+                fn, grads = prov.make(mode)
+                fn()  # warm-up: one-time allocations (thread pools, compilation) stay out
+                peak = peak_memory_mb(fn, device)
+                ms, p20, p80 = time_ms(fn, device, grads, quick)
+                note = ""
+            except Exception as exc:  # an OOM or unsupported baseline is a result, not a crash
+                ms = p20 = p80 = peak = float("nan")
+                note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                fn = grads = None
+            finally:
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            fl, nb = case.flops(mode), case.nbytes(mode, prov.dtype)
+            tfl = fl / (ms * 1e-3) / 1e12 if ms == ms else float("nan")
+            gbs = nb / (ms * 1e-3) / 1e9 if ms == ms else float("nan")
+            roof = (peaks.ideal_seconds(fl, nb, prov.dtype) / (ms * 1e-3)
+                    if peaks and ms == ms else float("nan"))
+            row = Row(case.op, case.shape, mode, prov.name, str(prov.dtype).replace("torch.", ""),
+                      ms, p20, p80, peak, tfl, gbs, roof, float("nan"), note=note)
+            if prov.baseline:
+                base_ms[row.dtype] = ms
+            mode_rows.append(row)
+            log(f"  {case.shape:<34} {mode:<8} {prov.name:<22} {row.dtype:<8} "
+                f"{ms:9.3f} ms  {peak:9.1f} MB {note}")
+        for r in mode_rows:
+            b, b32 = base_ms.get(r.dtype), base_ms.get("float32")
+            r.speedup = b / r.ms if b and r.ms == r.ms else float("nan")
+            r.vs_fp32 = b32 / r.ms if b32 and r.ms == r.ms else float("nan")
+        rows += mode_rows
+    return rows
+
+
+# ------------------------------------------------------------------------------ output
+_COLS = [f.name for f in dataclasses.fields(Row)]
+
+
+def write_csv(rows: list[Row], path: str, meta: dict) -> None:
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(_COLS + list(meta))
+        for r in rows:
+            w.writerow([getattr(r, c) for c in _COLS] + list(meta.values()))
+
+
+def _f(x: float, fmt: str) -> str:
+    return "-" if x != x else format(x, fmt)
+
+
+def markdown(rows: list[Row]) -> str:
+    head = ("| op | shape | mode | provider | dtype | median ms (p20–p80) | vs eager same dtype | "
+            "vs eager fp32 | peak MB | TFLOP/s | GB/s | roofline |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    out = [head]
+    for r in rows:
+        spread = f"{_f(r.ms, '.3f')} ({_f(r.p20, '.3f')}–{_f(r.p80, '.3f')})"
+        roof = "-" if r.roofline != r.roofline else f"{100 * r.roofline:.0f}%"
+        out.append(f"| {r.op} | {r.shape} | {r.mode} | {r.provider} | {r.dtype} | {spread} | "
+                   f"{_f(r.speedup, '.2f')}× | {_f(r.vs_fp32, '.2f')}× | {_f(r.peak_mb, '.1f')} | {_f(r.tflops, '.2f')} | "
+                   f"{_f(r.gbps, '.0f')} | {roof} |" + (f" {r.note}" if r.note else ""))
+    return "\n".join(out)
+
+
+def plot(rows: list[Row], path: str) -> bool:
+    """Bar chart of speed-ups per shape and provider (one figure per op). False if no matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return False
+    keys = sorted({(r.shape, r.mode) for r in rows})
+    provs = sorted({f"{r.provider} {r.dtype}" for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys) * max(1, len(provs)) / 3), 4))
+    width = 0.8 / max(1, len(provs))
+    for i, p in enumerate(provs):
+        vals = []
+        for k in keys:
+            m = [r.speedup for r in rows if (r.shape, r.mode) == k and f"{r.provider} {r.dtype}" == p]
+            vals.append(m[0] if m and m[0] == m[0] else 0)
+        ax.bar([j + i * width for j in range(len(keys))], vals, width, label=p)
+    ax.set_xticks([j + 0.4 for j in range(len(keys))])
+    ax.set_xticklabels([f"{s}\n{m}" for s, m in keys], fontsize=6)
+    ax.set_ylabel("speed-up vs eager (same dtype)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6)
+    ax.set_title(rows[0].op if rows else "")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def metadata(device: str, command: str) -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:
+        tv = "absent"
+    return {"date": _dt.date.today().isoformat(), "device": describe_device(device),
+            "torch": torch.__version__, "triton": tv,
+            "command": command}

@@ -1,0 +1,5 @@
+import sys
+
+from varformer.cli import main
+
+sys.exit(main())
