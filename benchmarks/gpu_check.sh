@@ -25,7 +25,7 @@ test_rc=$?
 tail -n 25 "$OUT/tests.log"
 
 stamp "stage timings"
-timeout 60 python3 benchmarks/profile_mediator_attention.py 2>&1 | tee "$OUT/stages.txt"
+timeout "${STAGE_TIMEOUT:-45}" python3 benchmarks/profile_mediator_attention.py 2>&1 | tee "$OUT/stages.txt"
 
 stamp "quick benchmarks"
 timeout "${BENCH_TIMEOUT:-240}" varformer bench --quick --device cuda --out "$OUT" \
