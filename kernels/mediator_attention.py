@@ -61,16 +61,28 @@ def _rowdot(a_base, offs_a, mask_a, sa_t, sa_d, b_base, offs_b, mask_b, sb_t, sb
 
 
 @triton.jit
+def _tile(base, offs_t, mask_t, s_t, s_d, offs_c, mask_c, UPCAST: tl.constexpr):
+    """Load base[offs_t, offs_c] (zero outside the masks), fp32 in the interpreter for bf16."""
+    x = tl.load(base + offs_t[:, None] * s_t + offs_c[None, :] * s_d,
+                mask=mask_t[:, None] & mask_c[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
               sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
               so_s, so_b, so_h, so_t, so_d, sl_s,
               H, M, N, D, n_per_split, num_dv, num_dk, scale_log2,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-              SINGLE: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
-              UPCAST: tl.constexpr):
+              SINGLE: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_D2: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
     """O[m] = softmax_n(Q[m]·K[n]ᵀ·s) V[n] over keys [split·n_per_split, +n_per_split).
 
-    Grid (⌈M/BLOCK_M⌉, B·H, splits·num_dv). LSE [splits, B·H, M] (natural log)."""
+    Grid (⌈M/BLOCK_M⌉, B·H, splits·num_dv). LSE [splits, B·H, M] (natural log).
+    SINGLE: the head is two column pieces [0, BLOCK_DV) + [BLOCK_DV, BLOCK_DV+BLOCK_D2) held in
+    registers (BLOCK_D2 may be 0); else column tile ``dv`` of width BLOCK_DV, scores over d chunks."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2) // num_dv
@@ -89,10 +101,12 @@ def _attn_fwd(Q, K, V, O, LSE,
     n_end = tl.minimum(n_start + n_per_split, N)
 
     if SINGLE:
-        q = tl.load(q_base + offs_m[:, None] * sq_t + offs_c[None, :] * sq_d,
-                    mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q = _tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c, mask_c, UPCAST)
+    if BLOCK_D2 > 0:
+        offs_c2 = BLOCK_DV + tl.arange(0, BLOCK_D2)
+        mask_c2 = offs_c2 < D
+        q2 = _tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c2, mask_c2, UPCAST)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -101,11 +115,11 @@ def _attn_fwd(Q, K, V, O, LSE,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
         if SINGLE:
-            k = tl.load(k_base + offs_n[:, None] * sk_t + offs_c[None, :] * sk_d,
-                        mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
+            k = _tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c, mask_c, UPCAST)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+            if BLOCK_D2 > 0:
+                k2 = _tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c2, mask_c2, UPCAST)
+                qk += tl.dot(q2, tl.trans(k2), input_precision=PREC)
         else:
             qk = _rowdot(q_base, offs_m, mask_m, sq_t, sq_d, k_base, offs_n, mask_n, sk_t, sk_d, D,
                          num_dk, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, UPCAST)
@@ -114,16 +128,20 @@ def _attn_fwd(Q, K, V, O, LSE,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * sv_t + offs_c[None, :] * sv_d,
-                    mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
+        v = _tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c, mask_c, UPCAST)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        if BLOCK_D2 > 0:
+            v2 = _tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c2, mask_c2, UPCAST)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2, input_precision=PREC)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    o_ptrs = O + split * so_s + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_c[None, :] * so_d
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+    o_base = O + split * so_s + b * so_b + h * so_h
+    tl.store(o_base + offs_m[:, None] * so_t + offs_c[None, :] * so_d,
+             (acc / l_i[:, None]).to(O.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+    if BLOCK_D2 > 0:
+        tl.store(o_base + offs_m[:, None] * so_t + offs_c2[None, :] * so_d,
+                 (acc2 / l_i[:, None]).to(O.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_c2[None, :])
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + split * sl_s + pid_bh * M + offs_m, lse, mask=mask_m & (dv == 0))
 
@@ -131,7 +149,9 @@ def _attn_fwd(Q, K, V, O, LSE,
 @triton.jit
 def _attn_combine(OP, LP, O, LSE, so_b, so_h, so_t, so_d, H, M, D, num_splits,
                   BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Merge split partials OP [S, B·H, M, D] fp32 / LP [S, B·H, M] into O and LSE [B·H, M]."""
+    """Merge split partials OP [S, B·H, M, D] fp32 / LP [S, B·H, M] into O and LSE [B·H, M].
+
+    Grid (⌈M/BLOCK_M⌉, B·H, ⌈D/BLOCK_DV⌉)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     dv = tl.program_id(2)
@@ -167,8 +187,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    sdo_b, sdo_h, sdo_t, sdo_d, sg_s, sg_b, sg_h, sg_t, sg_d,
                    H, M, N, D, m_per_split, num_dv, num_dk, scale, scale_log2,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-                   SINGLE: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
-                   UPCAST: tl.constexpr):
+                   SINGLE: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_D2: tl.constexpr,
+                   PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dK, dV for a block of keys, over queries [split·m_per_split, +m_per_split).
 
     Grid (⌈N/BLOCK_N⌉, B·H, splits·num_dv). DK/DV share strides (sg_*)."""
@@ -191,29 +211,31 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     m_end = tl.minimum(m_start + m_per_split, M)
 
     if SINGLE:
-        k = tl.load(k_base + offs_n[:, None] * sk_t + offs_c[None, :] * sk_d,
-                    mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * sv_t + offs_c[None, :] * sv_d,
-                    mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c, mask_c, UPCAST)
+        v = _tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c, mask_c, UPCAST)
+    if BLOCK_D2 > 0:
+        offs_c2 = BLOCK_DV + tl.arange(0, BLOCK_D2)
+        mask_c2 = offs_c2 < D
+        k2 = _tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c2, mask_c2, UPCAST)
+        v2 = _tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c2, mask_c2, UPCAST)
+        dk_acc2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+        dv_acc2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
 
     dk_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for start_m in range(m_start, m_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
-        q_c = tl.load(q_base + offs_m[:, None] * sq_t + offs_c[None, :] * sq_d,
-                      mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        do_c = tl.load(do_base + offs_m[:, None] * sdo_t + offs_c[None, :] * sdo_d,
-                       mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        if UPCAST:
-            q_c = q_c.to(tl.float32)
-            do_c = do_c.to(tl.float32)
+        q_c = _tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c, mask_c, UPCAST)
+        do_c = _tile(do_base, offs_m, mask_m, sdo_t, sdo_d, offs_c, mask_c, UPCAST)
         if SINGLE:
             qk = tl.dot(q_c, tl.trans(k), input_precision=PREC)
             dp = tl.dot(do_c, tl.trans(v), input_precision=PREC)
+            if BLOCK_D2 > 0:
+                q2 = _tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c2, mask_c2, UPCAST)
+                do2 = _tile(do_base, offs_m, mask_m, sdo_t, sdo_d, offs_c2, mask_c2, UPCAST)
+                qk += tl.dot(q2, tl.trans(k2), input_precision=PREC)
+                dp += tl.dot(do2, tl.trans(v2), input_precision=PREC)
         else:
             qk = _rowdot(q_base, offs_m, mask_m, sq_t, sq_d, k_base, offs_n, mask_n, sk_t, sk_d, D,
                          num_dk, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, UPCAST)
@@ -223,14 +245,25 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         delta = tl.load(DELTA + pid_bh * M + offs_m, mask=mask_m, other=0.0)
         p = tl.exp2(qk * scale_log2 - lse[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-        dv_acc += tl.dot(tl.trans(p).to(do_c.dtype), do_c, input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dk_acc += tl.dot(tl.trans(ds).to(q_c.dtype), q_c, input_precision=PREC)
+        pt = tl.trans(p).to(do_c.dtype)
+        dst = tl.trans(ds).to(q_c.dtype)
+        dv_acc += tl.dot(pt, do_c, input_precision=PREC)
+        dk_acc += tl.dot(dst, q_c, input_precision=PREC)
+        if BLOCK_D2 > 0:
+            dv_acc2 += tl.dot(pt, do2, input_precision=PREC)
+            dk_acc2 += tl.dot(dst, q2, input_precision=PREC)
 
-    g_off = split * sg_s + b * sg_b + h * sg_h + offs_n[:, None] * sg_t + offs_c[None, :] * sg_d
+    g_base = split * sg_s + b * sg_b + h * sg_h + offs_n[:, None] * sg_t
+    g_off = g_base + offs_c[None, :] * sg_d
     g_mask = mask_n[:, None] & mask_c[None, :]
     tl.store(DK + g_off, (dk_acc * scale).to(DK.dtype.element_ty), mask=g_mask)
     tl.store(DV + g_off, dv_acc.to(DV.dtype.element_ty), mask=g_mask)
+    if BLOCK_D2 > 0:
+        g_off2 = g_base + offs_c2[None, :] * sg_d
+        g_mask2 = mask_n[:, None] & mask_c2[None, :]
+        tl.store(DK + g_off2, (dk_acc2 * scale).to(DK.dtype.element_ty), mask=g_mask2)
+        tl.store(DV + g_off2, dv_acc2.to(DV.dtype.element_ty), mask=g_mask2)
 
 
 @triton.jit
@@ -239,8 +272,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  sdo_b, sdo_h, sdo_t, sdo_d, sg_s, sg_b, sg_h, sg_t, sg_d,
                  H, M, N, D, n_per_split, num_dv, num_dk, scale, scale_log2,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-                 SINGLE: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
-                 UPCAST: tl.constexpr):
+                 SINGLE: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_D2: tl.constexpr,
+                 PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dQ for a block of queries, over keys [split·n_per_split, +n_per_split).
 
     Grid (⌈M/BLOCK_M⌉, B·H, splits·num_dv)."""
@@ -263,13 +296,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     n_end = tl.minimum(n_start + n_per_split, N)
 
     if SINGLE:
-        q = tl.load(q_base + offs_m[:, None] * sq_t + offs_c[None, :] * sq_d,
-                    mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sdo_t + offs_c[None, :] * sdo_d,
-                     mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c, mask_c, UPCAST)
+        do = _tile(do_base, offs_m, mask_m, sdo_t, sdo_d, offs_c, mask_c, UPCAST)
+    if BLOCK_D2 > 0:
+        offs_c2 = BLOCK_DV + tl.arange(0, BLOCK_D2)
+        mask_c2 = offs_c2 < D
+        q2 = _tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c2, mask_c2, UPCAST)
+        do2 = _tile(do_base, offs_m, mask_m, sdo_t, sdo_d, offs_c2, mask_c2, UPCAST)
+        dq_acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
     lse = tl.load(LSE + pid_bh * M + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + pid_bh * M + offs_m, mask=mask_m, other=0.0)
 
@@ -277,17 +311,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     for start_n in range(n_start, n_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
-        k_c = tl.load(k_base + offs_n[:, None] * sk_t + offs_c[None, :] * sk_d,
-                      mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-        if UPCAST:
-            k_c = k_c.to(tl.float32)
+        k_c = _tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c, mask_c, UPCAST)
         if SINGLE:
-            v = tl.load(v_base + offs_n[:, None] * sv_t + offs_c[None, :] * sv_d,
-                        mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
+            v = _tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c, mask_c, UPCAST)
             qk = tl.dot(q, tl.trans(k_c), input_precision=PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            if BLOCK_D2 > 0:
+                k2 = _tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c2, mask_c2, UPCAST)
+                v2 = _tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c2, mask_c2, UPCAST)
+                qk += tl.dot(q2, tl.trans(k2), input_precision=PREC)
+                dp += tl.dot(do2, tl.trans(v2), input_precision=PREC)
         else:
             qk = _rowdot(q_base, offs_m, mask_m, sq_t, sq_d, k_base, offs_n, mask_n, sk_t, sk_d, D,
                          num_dk, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, UPCAST)
@@ -295,12 +328,17 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                          D, num_dk, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, UPCAST)
         p = tl.exp2(qk * scale_log2 - lse[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq_acc += tl.dot(ds.to(k_c.dtype), k_c, input_precision=PREC)
+        ds = (p * (dp - delta[:, None])).to(k_c.dtype)
+        dq_acc += tl.dot(ds, k_c, input_precision=PREC)
+        if BLOCK_D2 > 0:
+            dq_acc2 += tl.dot(ds, k2, input_precision=PREC)
 
-    g_off = split * sg_s + b * sg_b + h * sg_h + offs_m[:, None] * sg_t + offs_c[None, :] * sg_d
-    tl.store(DQ + g_off, (dq_acc * scale).to(DQ.dtype.element_ty),
+    g_base = DQ + split * sg_s + b * sg_b + h * sg_h + offs_m[:, None] * sg_t
+    tl.store(g_base + offs_c[None, :] * sg_d, (dq_acc * scale).to(DQ.dtype.element_ty),
              mask=mask_m[:, None] & mask_c[None, :])
+    if BLOCK_D2 > 0:
+        tl.store(g_base + offs_c2[None, :] * sg_d, (dq_acc2 * scale).to(DQ.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_c2[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,41 +346,73 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Tiles:
-    """Tile shape for one head dim (see module docstring)."""
-    BLOCK_DK: int   # chunk of the d-reduction
-    num_dk: int     # chunks per reduction (1: the whole head stays in one tile)
-    BLOCK_DV: int   # output columns per program
+    """Column tiling of one head dim (see the module docstring)."""
+    BLOCK_DK: int   # chunk of the d-reduction (multi-chunk mode)
+    num_dk: int     # chunks per reduction; 1 = the head is held in registers (single mode)
+    BLOCK_DV: int   # single mode: first column piece; multi mode: output columns per program
     num_dv: int     # programs along d
+    BLOCK_D2: int = 0  # single mode: second column piece (0: none)
 
     @property
     def single(self) -> bool:
         return self.num_dk == 1
 
+    @property
+    def width(self) -> int:
+        """Register columns per row: the key of the launch-config tables."""
+        return self.BLOCK_DV + self.BLOCK_D2 if self.single else 512
 
-def tiles_for(d: int) -> Tiles:
-    if d <= 128:
-        bd = max(16, triton.next_power_of_2(d))
-        return Tiles(bd, 1, bd, 1)
+
+def tiles_for(d: int, f32: bool = False) -> Tiles:
+    """d ≤ 256 (≤ 128 for fp32): one power-of-two piece, or two when that pads less (160 = 128 +
+    32, 80 = 64 + 16, 40 = 32 + 16); above: 32-wide reduction chunks, 256-column output tiles."""
+    if d <= (128 if f32 else 256):
+        full = max(16, triton.next_power_of_2(d))
+        d1 = max(16, full // 2)
+        # (128 + 16 spills in the backward on sm_90a where 128 + 32 does not)
+        d2 = max(16 if d1 < 128 else 32, triton.next_power_of_2(d - d1)) if d > d1 else 0
+        if d2 == 0 or d2 > 32 or d1 + d2 >= full:
+            return Tiles(full, 1, full, 1)
+        return Tiles(d1, 1, d1, 1, d2)
     return Tiles(32, triton.cdiv(d, 32), 256, triton.cdiv(d, 256))
 
 
-# (BLOCK_M, BLOCK_N, num_warps) per kernel family, keyed by (fp32?, BLOCK_DV); chosen so that
-# ptxas reports no register spills on sm_90a (fp32 without TF32 runs dots on the FMA units and
-# needs smaller tiles). The ahead-of-time compile check (tests/ops/test_gpu_compile.py,
-# `varformer bench --compile-report`) builds exactly these.
-FWD_CFG = {(False, 16): (64, 64, 4), (False, 32): (64, 64, 4), (False, 64): (64, 64, 8),
-           (False, 128): (64, 32, 8), (False, 256): (64, 32, 8),
-           (True, 16): (32, 32, 4), (True, 32): (32, 32, 8), (True, 64): (32, 32, 8),
-           (True, 128): (32, 16, 8), (True, 256): (32, 16, 8)}
-DKDV_CFG = {(False, 16): (64, 64, 4), (False, 32): (64, 64, 4), (False, 64): (64, 64, 8),
-            (False, 128): (32, 32, 8), (False, 256): (16, 32, 8),
-            (True, 16): (32, 32, 4), (True, 32): (32, 32, 8), (True, 64): (32, 32, 8),
-            (True, 128): (16, 32, 8), (True, 256): (16, 16, 8)}
-DQ_CFG = {(False, 16): (64, 64, 4), (False, 32): (64, 64, 4), (False, 64): (64, 64, 8),
-          (False, 128): (32, 32, 8), (False, 256): (64, 32, 8),
-          (True, 16): (32, 32, 4), (True, 32): (32, 32, 8), (True, 64): (32, 32, 8),
-          (True, 128): (16, 32, 8), (True, 256): (16, 16, 8)}
-COMBINE_CFG = {bdv: (32, 4) for bdv in (16, 32, 64, 128, 256)}
+def all_tiles(f32: bool = False) -> list:
+    """Every distinct Tiles that tiles_for can return (d = 1 … MAX_HEAD_DIM)."""
+    seen = {}
+    for d in range(1, MAX_HEAD_DIM + 1):  # distinct as far as the kernels' constexprs go
+        t = tiles_for(d, f32)
+        seen.setdefault((t.BLOCK_DK, t.single, t.BLOCK_DV, t.BLOCK_D2), t)
+    return sorted(seen.values(), key=lambda t: (t.width, t.BLOCK_DV))
+
+
+# (BLOCK_M, BLOCK_N, num_warps) per kernel family, keyed by (fp32?, Tiles.width); chosen so
+# that ptxas reports no register spills on sm_90a (fp32 without TF32 runs its dots on the FMA
+# units and needs smaller tiles). The ahead-of-time compile check (tests/ops/test_gpu_compile.py,
+# `varformer bench --compile-report`) builds every variant.
+def _cfg(table: dict, f32: bool, width: int):
+    for w in sorted(table[f32]):
+        if width <= w:
+            return table[f32][w]
+    raise KeyError(width)
+
+
+FWD_CFG = {False: {16: (128, 64, 8), 32: (128, 64, 8), 48: (128, 64, 8), 64: (128, 64, 8),
+                   80: (128, 64, 8), 96: (128, 64, 8), 128: (64, 32, 8), 160: (64, 32, 8),
+                   256: (16, 32, 8), 512: (64, 32, 8)},
+           True: {16: (64, 32, 8), 32: (64, 32, 8), 48: (32, 32, 8), 64: (64, 32, 8),
+                  80: (32, 16, 8), 96: (64, 32, 8), 128: (32, 16, 8), 512: (32, 16, 8)}}
+DKDV_CFG = {False: {16: (128, 64, 8), 32: (128, 64, 8), 48: (128, 64, 8), 64: (64, 64, 8),
+                    80: (64, 64, 8), 96: (32, 64, 8), 128: (32, 64, 8),
+                    160: (32, 64, 8), 256: (16, 32, 8), 512: (16, 32, 8)},
+            True: {16: (64, 32, 8), 32: (64, 32, 8), 48: (32, 16, 8), 64: (64, 32, 8),
+                   80: (16, 32, 8), 96: (32, 16, 8), 128: (32, 32, 8), 512: (16, 16, 8)}}
+DQ_CFG = {False: {16: (128, 64, 8), 32: (128, 64, 8), 48: (128, 64, 8), 64: (128, 64, 8),
+                  80: (128, 64, 8), 96: (128, 64, 8), 128: (32, 64, 8), 160: (64, 32, 8),
+                  256: (16, 32, 8), 512: (64, 32, 8)},
+          True: {16: (64, 32, 8), 32: (64, 32, 8), 48: (64, 32, 8), 64: (64, 32, 8),
+                 80: (32, 16, 8), 96: (64, 32, 8), 128: (64, 32, 8), 512: (16, 16, 8)}}
+COMBINE_CFG = (32, 64, 4)  # BLOCK_M, BLOCK_DV, num_warps
 MAX_HEAD_DIM = 640
 
 
@@ -384,7 +454,7 @@ def _s(t: torch.Tensor):
 
 def _consts(t: Tiles, bm: int, bn: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=t.BLOCK_DK, SINGLE=t.single, BLOCK_DV=t.BLOCK_DV,
-                PREC=_precision(dtype), UPCAST=_upcast(dtype))
+                BLOCK_D2=t.BLOCK_D2, PREC=_precision(dtype), UPCAST=_upcast(dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,8 +464,8 @@ def attention_forward(q, k, v, scale: float, num_splits: int | None = None):
     """Flash forward. q [B,H,M,d], k/v [B,H,N,d] -> (out [B,H,M,d] q.dtype, lse [B,H,M] fp32)."""
     B, H, M, D = q.shape
     N = k.shape[2]
-    t = tiles_for(D)
-    bm, bn, warps = FWD_CFG[q.dtype == torch.float32, t.BLOCK_DV]
+    t = tiles_for(D, q.dtype == torch.float32)
+    bm, bn, warps = _cfg(FWD_CFG, q.dtype == torch.float32, t.width)
     m_blocks, n_blocks = triton.cdiv(M, bm), triton.cdiv(N, bn)
     splits = _num_splits(m_blocks * B * H * t.num_dv, n_blocks, q.device, num_splits)
     n_per_split, splits = _split_range(n_blocks, bn, N, splits)
@@ -413,10 +483,10 @@ def attention_forward(q, k, v, scale: float, num_splits: int | None = None):
         H, M, N, D, n_per_split, t.num_dv, t.num_dk, scale * LOG2E,
         **_consts(t, bm, bn, q.dtype), num_warps=warps)
     if splits > 1:
-        cbm, cwarps = COMBINE_CFG[t.BLOCK_DV]
-        _attn_combine[(triton.cdiv(M, cbm), B * H, t.num_dv)](
+        cbm, cbd, cwarps = COMBINE_CFG
+        _attn_combine[(triton.cdiv(M, cbm), B * H, triton.cdiv(D, cbd))](
             o_buf, l_buf, out, lse, *_s(out), H, M, D, splits,
-            BLOCK_M=cbm, BLOCK_DV=t.BLOCK_DV, num_warps=cwarps)
+            BLOCK_M=cbm, BLOCK_DV=cbd, num_warps=cwarps)
     return out, lse
 
 
@@ -424,12 +494,12 @@ def attention_backward(do, q, k, v, out, lse, scale: float, num_splits: int | No
     """Backward of ``attention_forward`` -> (dq, dk, dv) in q.dtype (fp32 accumulation)."""
     B, H, M, D = q.shape
     N = k.shape[2]
-    t = tiles_for(D)
+    t = tiles_for(D, q.dtype == torch.float32)
     delta = (do.float() * out.float()).sum(-1).contiguous()
     lse = lse.contiguous()
 
     # dK, dV: parallel over key blocks, loop over queries (split when key blocks are few)
-    bm, bn, warps = DKDV_CFG[q.dtype == torch.float32, t.BLOCK_DV]
+    bm, bn, warps = _cfg(DKDV_CFG, q.dtype == torch.float32, t.width)
     n_blocks, m_blocks = triton.cdiv(N, bn), triton.cdiv(M, bm)
     splits = _num_splits(n_blocks * B * H * t.num_dv, m_blocks, q.device, num_splits)
     m_per_split, splits = _split_range(m_blocks, bm, M, splits)
@@ -444,7 +514,7 @@ def attention_backward(do, q, k, v, out, lse, scale: float, num_splits: int | No
     dv = dv[0] if splits == 1 else dv.sum(0).to(q.dtype)
 
     # dQ: parallel over query blocks, loop over keys
-    bm, bn, warps = DQ_CFG[q.dtype == torch.float32, t.BLOCK_DV]
+    bm, bn, warps = _cfg(DQ_CFG, q.dtype == torch.float32, t.width)
     m_blocks, n_blocks = triton.cdiv(M, bm), triton.cdiv(N, bn)
     splits = _num_splits(m_blocks * B * H * t.num_dv, n_blocks, q.device, num_splits)
     n_per_split, splits = _split_range(n_blocks, bn, N, splits)
@@ -481,34 +551,34 @@ def mediator_attention_backward(grad_out, grad_s, q, m, k, v, out, s, lse_s, lse
 _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def compile_inventory(dtypes=("fp32", "fp16", "bf16")):
-    """Every launch variant the launchers above can produce on a GPU.
-
-    Yields dicts: name, fn, signature, constexprs, num_warps, label."""
+def compile_inventory(dtypes=("fp32", "fp16", "bf16"), tf32: bool = True):
+    """Every launch variant the launchers above can produce on a GPU, as dicts:
+    name, fn, signature, constexprs, num_warps, label."""
     out = []
-    tiles = {t.BLOCK_DV: t for t in (tiles_for(d) for d in (16, 32, 64, 128, 160))}
     variants = [(dt, "ieee" if dt == "fp32" else "tf32") for dt in dtypes]
-    if "fp32" in dtypes:  # fp32 with torch.backends.cuda.matmul.allow_tf32 = True
+    if "fp32" in dtypes and tf32:  # fp32 with torch.backends.cuda.matmul.allow_tf32 = True
         variants.append(("fp32", "tf32"))
     for dt, prec in variants:
         f32 = dt == "fp32"
-        for bdv, t in sorted(tiles.items()):
-            common = dict(BLOCK_DK=t.BLOCK_DK, SINGLE=t.single, BLOCK_DV=bdv, PREC=prec,
-                          UPCAST=False)
-            tag = f"{dt}{'/tf32' if f32 and prec == 'tf32' else ''} BLOCK_DV={bdv}"
-            bm, bn, w = FWD_CFG[f32, bdv]
+        tag0 = f"{dt}{'/tf32' if f32 and prec == 'tf32' else ''}"
+        if prec == "ieee" or not f32:
+            cbm, cbd, cw = COMBINE_CFG
+            out.append(_entry("mediator_combine", _attn_combine,
+                              dict(OP="*fp32", LP="*fp32", O=f"*{dt}", LSE="*fp32"), [],
+                              dict(BLOCK_M=cbm, BLOCK_DV=cbd), cw, tag0))
+        for t in all_tiles(f32):
+            common = dict(BLOCK_DK=t.BLOCK_DK, SINGLE=t.single, BLOCK_DV=t.BLOCK_DV,
+                          BLOCK_D2=t.BLOCK_D2, PREC=prec, UPCAST=False)
+            cols = f"d={t.BLOCK_DV}+{t.BLOCK_D2}" if t.single else f"d>256 tile {t.BLOCK_DV}"
+            tag = f"{tag0} {cols}"
+            bm, bn, w = _cfg(FWD_CFG, f32, t.width)
             for o_dt in sorted({dt, "fp32"}):
                 ptrs = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", O=f"*{o_dt}", LSE="*fp32")
                 out.append(_entry("mediator_fwd", _attn_fwd, ptrs, ["scale_log2"],
                                   dict(BLOCK_M=bm, BLOCK_N=bn, **common), w, f"{tag} out={o_dt}"))
-            if prec == "ieee" or not f32:
-                cbm, cw = COMBINE_CFG[bdv]
-                out.append(_entry("mediator_combine", _attn_combine,
-                                  dict(OP="*fp32", LP="*fp32", O=f"*{dt}", LSE="*fp32"), [],
-                                  dict(BLOCK_M=cbm, BLOCK_DV=bdv), cw, tag))
             for name, fn, cfg, gnames in (("mediator_bwd_dkdv", _attn_bwd_dkdv, DKDV_CFG, "DK DV"),
                                           ("mediator_bwd_dq", _attn_bwd_dq, DQ_CFG, "DQ")):
-                bm, bn, w = cfg[f32, bdv]
+                bm, bn, w = _cfg(cfg, f32, t.width)
                 for g_dt in sorted({dt, "fp32"}):
                     ptrs = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32",
                                 DELTA="*fp32", **{g: f"*{g_dt}" for g in gnames.split()})

@@ -30,6 +30,7 @@ SHAPES = [
     (1, 1, 20, 8, 40, 320),
     (1, 1, 17, 1024, 70, 20),
     (3, 4, 40, 5, 31, 40),
+    (1, 2, 21, 9, 37, 80),
 ]
 
 
@@ -52,7 +53,8 @@ def test_float64_paths(backend):
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 1, 70, 16, 90, 20), (2, 1, 45, 64, 100, 160),
-                                   (1, 2, 33, 7, 65, 40), (1, 1, 12, 5, 20, 320)],
+                                   (1, 2, 33, 7, 65, 40), (1, 1, 12, 5, 20, 320),
+                                   (2, 1, 19, 6, 40, 80)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_gradients_match_float64_reference(backend, dtype, shape):
     q, m, k, v = make(*shape, dtype, grad=True)
@@ -228,7 +230,7 @@ def _good():
 
 @pytest.mark.parametrize("mutate, exc, match", [
     (lambda q, m, k, v: (q[0], m, k, v), ValueError, r"q must have 4 dims"),
-    (lambda q, m, k, v: (q.numpy(), m, k, v), TypeError, r"q must be a torch.Tensor"),
+    (lambda q, m, k, v: (q.tolist(), m, k, v), TypeError, r"q must be a torch.Tensor"),
     (lambda q, m, k, v: (q, m.half(), k, v), TypeError, r"m is torch.float16 but q"),
     (lambda q, m, k, v: (q.int(), m, k, v), TypeError, r"q must be float32"),
     (lambda q, m, k, v: (q, m, k, v[:, :, :5]), ValueError, r"key and value lengths"),
