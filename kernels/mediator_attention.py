@@ -364,16 +364,18 @@ class Tiles:
 
 
 def tiles_for(d: int, f32: bool = False) -> Tiles:
-    """d ≤ 256 (≤ 128 for fp32): one power-of-two piece, or two when that pads less (160 = 128 +
-    32, 80 = 64 + 16, 40 = 32 + 16); above: 32-wide reduction chunks, 256-column output tiles."""
+    """d ≤ 256 (≤ 128 for fp32): the head in registers, padded to a power of two, except
+    129 ≤ d ≤ 160 in fp16/bf16, held as two pieces 128 + 32 (VarFormer's d = 160 pads to 160, not
+    256); above: 32-wide reduction chunks and 256-column output tiles.
+
+    Two-piece heads with a 16-wide second piece (40 = 32 + 16, 80 = 64 + 16) compiled and passed
+    the interpreter but hit an illegal memory access on an H100 (triton 3.6, 128×64 tiles); they
+    are not used until that is understood."""
     if d <= (128 if f32 else 256):
+        if not f32 and 128 < d <= 160:
+            return Tiles(128, 1, 128, 1, 32)
         full = max(16, triton.next_power_of_2(d))
-        d1 = max(16, full // 2)
-        # (128 + 16 spills in the backward on sm_90a where 128 + 32 does not)
-        d2 = max(16 if d1 < 128 else 32, triton.next_power_of_2(d - d1)) if d > d1 else 0
-        if d2 == 0 or d2 > 32 or d1 + d2 >= full:
-            return Tiles(full, 1, full, 1)
-        return Tiles(d1, 1, d1, 1, d2)
+        return Tiles(full, 1, full, 1)
     return Tiles(32, triton.cdiv(d, 32), 256, triton.cdiv(d, 256))
 
 
@@ -397,21 +399,18 @@ def _cfg(table: dict, f32: bool, width: int):
     raise KeyError(width)
 
 
-FWD_CFG = {False: {16: (128, 64, 8), 32: (128, 64, 8), 48: (128, 64, 8), 64: (128, 64, 8),
-                   80: (128, 64, 8), 96: (128, 64, 8), 128: (64, 32, 8), 160: (64, 32, 8),
-                   256: (16, 32, 8), 512: (64, 32, 8)},
-           True: {16: (64, 32, 8), 32: (64, 32, 8), 48: (32, 32, 8), 64: (64, 32, 8),
-                  80: (32, 16, 8), 96: (64, 32, 8), 128: (32, 16, 8), 512: (32, 16, 8)}}
-DKDV_CFG = {False: {16: (128, 64, 8), 32: (128, 64, 8), 48: (128, 64, 8), 64: (64, 64, 8),
-                    80: (64, 64, 8), 96: (32, 64, 8), 128: (32, 64, 8),
+FWD_CFG = {False: {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (64, 32, 8),
+                   160: (64, 32, 8), 256: (16, 32, 8), 512: (64, 32, 8)},
+           True: {16: (64, 32, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (32, 16, 8),
+                  512: (32, 16, 8)}}
+DKDV_CFG = {False: {16: (128, 64, 8), 32: (128, 64, 8), 64: (64, 64, 8), 128: (32, 64, 8),
                     160: (32, 64, 8), 256: (16, 32, 8), 512: (16, 32, 8)},
-            True: {16: (64, 32, 8), 32: (64, 32, 8), 48: (32, 16, 8), 64: (64, 32, 8),
-                   80: (16, 32, 8), 96: (32, 16, 8), 128: (32, 32, 8), 512: (16, 16, 8)}}
-DQ_CFG = {False: {16: (128, 64, 8), 32: (128, 64, 8), 48: (128, 64, 8), 64: (128, 64, 8),
-                  80: (128, 64, 8), 96: (128, 64, 8), 128: (32, 64, 8), 160: (64, 32, 8),
-                  256: (16, 32, 8), 512: (64, 32, 8)},
-          True: {16: (64, 32, 8), 32: (64, 32, 8), 48: (64, 32, 8), 64: (64, 32, 8),
-                 80: (32, 16, 8), 96: (64, 32, 8), 128: (64, 32, 8), 512: (16, 16, 8)}}
+            True: {16: (64, 32, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (32, 32, 8),
+                   512: (16, 16, 8)}}
+DQ_CFG = {False: {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (32, 64, 8),
+                  160: (64, 32, 8), 256: (16, 32, 8), 512: (64, 32, 8)},
+          True: {16: (64, 32, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (64, 32, 8),
+                 512: (16, 16, 8)}}
 COMBINE_CFG = (32, 64, 4)  # BLOCK_M, BLOCK_DV, num_warps
 MAX_HEAD_DIM = 640
 
