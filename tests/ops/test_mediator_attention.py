@@ -31,6 +31,7 @@ SHAPES = [
     (1, 1, 17, 1024, 70, 20),
     (3, 4, 40, 5, 31, 40),
     (1, 2, 21, 9, 37, 80),
+    (8, 8, 9, 3, 11, 16),   # B·H = 64
 ]
 
 
@@ -255,7 +256,22 @@ def test_bad_scale(scale, exc):
 
 @pytest.mark.skipif(not triton_usable(), reason="Triton unusable here")
 def test_triton_limits(monkeypatch):
+    from varformer.kernels.mediator_attention import MAX_HEAD_DIM
+    from varformer.ops.mediator_attention import TRITON_MAX_HEAD_DIM
+    assert MAX_HEAD_DIM == TRITON_MAX_HEAD_DIM
     monkeypatch.setenv("VARFORMER_BACKEND", "triton")
     q, m, k, v = make(1, 1, 4, 2, 4, 641, torch.float32)
     with pytest.raises(ValueError, match="head dims up to 640"):
         mediator_attention(q, m, k, v)
+
+
+def test_triton_path_rejects_int32_overflow_and_grid_limits(monkeypatch):
+    """Checked before any kernel runs (meta tensors: no memory is allocated)."""
+    monkeypatch.setenv("VARFORMER_BACKEND", "triton")
+    big = torch.empty(1, 1, 2**27, 32, device="meta")          # 2^32 elements in one slice
+    small = torch.empty(1, 1, 8, 32, device="meta")
+    with pytest.raises(ValueError, match="int32"):
+        mediator_attention(small, small, big, big)
+    wide = torch.empty(300, 300, 8, 32, device="meta")
+    with pytest.raises(ValueError, match="65535"):
+        mediator_attention(wide, wide, wide, wide)

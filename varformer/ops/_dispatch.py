@@ -87,6 +87,15 @@ def select(op: str, x: torch.Tensor, cpu_path: str = "cpu") -> str:
     return "reference"
 
 
+def may_use_triton(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` is headed for the Triton kernels (so their limits apply).
+
+    Depends only on the environment, device and dtype, so it traces under torch.compile."""
+    want = requested()
+    return want == "triton" or (want == "auto" and x.device.type == "cuda"
+                                and x.dtype in TRITON_DTYPES)
+
+
 def backends() -> dict:
     """What is available here and why not: {name: {"available": bool, "reason": str}}."""
     info = {}

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from . import _checks, _dispatch
 
 OP = "mediator_attention"
+TRITON_MAX_HEAD_DIM = 640  # = varformer.kernels.mediator_attention.MAX_HEAD_DIM (a test checks)
 _aten = torch.ops.aten
 
 
@@ -222,11 +223,10 @@ def check_inputs(q, m, k, v, scale=None) -> float:
     _checks.positive(OP, "q", q.shape[3], "head dim d (dim 3)")
     _checks.positive(OP, "m", m.shape[2], "mediator count L (dim 2)")
     _checks.positive(OP, "k", k.shape[2], "key count Nk (dim 2)")
-    if q.device.type == "cuda" or _dispatch.requested() == "triton":
-        from varformer.kernels.mediator_attention import MAX_HEAD_DIM
-        if q.shape[3] > MAX_HEAD_DIM and _dispatch.select(OP, q) == "triton":
-            raise ValueError(f"{OP}: the Triton kernels take head dims up to {MAX_HEAD_DIM}, "
-                             f"got d={q.shape[3]} (q dim 3)")
+    if _dispatch.may_use_triton(q):
+        if q.shape[3] > TRITON_MAX_HEAD_DIM:
+            raise ValueError(f"{OP}: the Triton kernels take head dims up to "
+                             f"{TRITON_MAX_HEAD_DIM}, got d={q.shape[3]} (q dim 3)")
         if q.shape[0] * q.shape[1] > 65535:
             raise ValueError(f"{OP}: B*H must be at most 65535 (grid limit), got "
                              f"{q.shape[0] * q.shape[1]}")
