@@ -1,0 +1,25 @@
+"""`varformer bench` end to end on CPU, on tiny shapes."""
+import csv
+
+from varformer import cli
+from varformer.benchmarks import bench_mediator_attention as bench
+
+
+def test_bench_prints_table_and_writes_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "CPU_QUICK", [(1, 2, 256, 16, 32)])
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("| mediator_attention")]
+    # eager baseline, fused, two SDPA calls; forward and forward+backward
+    assert len(lines) == 6
+    assert all("nan" not in ln for ln in lines)
+    rows = list(csv.DictReader(open(tmp_path / "mediator_attention_cpu.csv")))
+    assert {r["provider"] for r in rows} == {"eager (official)", "fused", "sdpa x2"}
+    assert all(float(r["ms"]) > 0 and float(r["peak_mb"]) >= 0 for r in rows)
+    assert (tmp_path / "bench_cpu.md").read_text().count("| mediator_attention") == 6
+    assert (tmp_path / "mediator_attention_cpu.png").stat().st_size > 0
+
+
+def test_bench_rejects_unknown_op(capsys):
+    assert cli.main(["bench", "--op", "nope", "--device", "cpu"]) == 2
+    assert "unknown --op" in capsys.readouterr().err
