@@ -18,7 +18,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 } 2>&1 | tee "$OUT/device.txt"
 
 stamp "tests (CUDA; the ahead-of-time compile check runs on the CPU machines)"
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --benchmark-disable \
+xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q $xdist -p no:cacheprovider --benchmark-disable \
   -W ignore::DeprecationWarning --deselect tests/ops/test_gpu_compile.py tests \
   >"$OUT/tests.log" 2>&1
 test_rc=$?

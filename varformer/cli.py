@@ -50,13 +50,19 @@ def _bench(args) -> int:
     for op in ops:
         mod = importlib.import_module(OPS[op])
         rows = []
+        csv_path = os.path.join(args.out, f"{op}_{device}.csv") if args.out else None
+        if csv_path:
+            os.makedirs(args.out, exist_ok=True)
+            if os.path.exists(csv_path):
+                os.remove(csv_path)
         for case in mod.cases(device, quick=args.quick, dtypes=dtypes):
-            rows += harness.run_case(case, device, quick=args.quick,
-                                     log=(lambda s: print(s, file=sys.stderr)))
+            case_rows = harness.run_case(case, device, quick=args.quick,
+                                         log=(lambda s: print(s, file=sys.stderr)))
+            if csv_path:  # written per shape, so an interrupted run keeps what it measured
+                harness.write_csv(case_rows, csv_path, meta)
+            rows += case_rows
         all_rows += rows
         if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            harness.write_csv(rows, os.path.join(args.out, f"{op}_{device}.csv"), meta)
             harness.plot(rows, os.path.join(args.out, f"{op}_{device}.png"))
     table = harness.markdown(all_rows)
     print(table)
