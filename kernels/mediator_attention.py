@@ -24,13 +24,14 @@ consumes the same saved tensors. Launchers take ``[B, H, T, d]`` tensors with ar
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ._aot import entry
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -562,7 +563,7 @@ def compile_inventory(dtypes=("fp32", "fp16", "bf16"), tf32: bool = True):
         tag0 = f"{dt}{'/tf32' if f32 and prec == 'tf32' else ''}"
         if prec == "ieee" or not f32:
             cbm, cbd, cw = COMBINE_CFG
-            out.append(_entry("mediator_combine", _attn_combine,
+            out.append(entry("mediator_combine", _attn_combine,
                               dict(OP="*fp32", LP="*fp32", O=f"*{dt}", LSE="*fp32"), [],
                               dict(BLOCK_M=cbm, BLOCK_DV=cbd), cw, tag0))
         for t in all_tiles(f32):
@@ -573,7 +574,7 @@ def compile_inventory(dtypes=("fp32", "fp16", "bf16"), tf32: bool = True):
             bm, bn, w = _cfg(FWD_CFG, f32, t.width)
             for o_dt in sorted({dt, "fp32"}):
                 ptrs = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", O=f"*{o_dt}", LSE="*fp32")
-                out.append(_entry("mediator_fwd", _attn_fwd, ptrs, ["scale_log2"],
+                out.append(entry("mediator_fwd", _attn_fwd, ptrs, ["scale_log2"],
                                   dict(BLOCK_M=bm, BLOCK_N=bn, **common), w, f"{tag} out={o_dt}"))
             for name, fn, cfg, gnames in (("mediator_bwd_dkdv", _attn_bwd_dkdv, DKDV_CFG, "DK DV"),
                                           ("mediator_bwd_dq", _attn_bwd_dq, DQ_CFG, "DQ")):
@@ -581,20 +582,8 @@ def compile_inventory(dtypes=("fp32", "fp16", "bf16"), tf32: bool = True):
                 for g_dt in sorted({dt, "fp32"}):
                     ptrs = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32",
                                 DELTA="*fp32", **{g: f"*{g_dt}" for g in gnames.split()})
-                    out.append(_entry(name, fn, ptrs, ["scale", "scale_log2"],
+                    out.append(entry(name, fn, ptrs, ["scale", "scale_log2"],
                                       dict(BLOCK_M=bm, BLOCK_N=bn, **common), w,
                                       f"{tag} grad={g_dt}"))
     return out
 
-
-def _entry(name, fn, ptrs: dict, floats: list, constexprs: dict, num_warps: int, label: str):
-    sig = {}
-    for arg, p in inspect.signature(getattr(fn, "fn", fn)).parameters.items():
-        if "constexpr" in str(p.annotation):
-            sig[arg] = "constexpr"
-        elif arg in ptrs:
-            sig[arg] = ptrs[arg]
-        else:
-            sig[arg] = "fp32" if arg in floats else "i32"
-    return dict(name=name, fn=fn, signature=sig, constexprs=constexprs, num_warps=num_warps,
-                label=label)

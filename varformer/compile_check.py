@@ -19,10 +19,15 @@ import tempfile
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
 
-def inventory():
-    """All launch variants of all kernel families: list of dicts (see compile_inventory)."""
-    from varformer.kernels import mediator_attention
-    return list(mediator_attention.compile_inventory())
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def inventory(dtypes=DTYPES):
+    """All launch variants of all kernel families for these input dtypes (fp32 also with TF32):
+    list of dicts (see each kernel file's compile_inventory)."""
+    from varformer.kernels import mediator_attention, window_attention
+    return [e for mod in (mediator_attention, window_attention)
+            for e in mod.compile_inventory(tuple(dtypes))]
 
 
 def _ptxas_info(ptx: str, arch: int) -> dict:
@@ -81,18 +86,19 @@ def compile_one(entry: dict, arch: int, ptxas: bool = True) -> dict:
     return row
 
 
-def run(archs=(90, 80), ptxas: bool = True) -> list[dict]:
+def run(archs=(90, 80), ptxas: bool = True, dtypes=DTYPES) -> list[dict]:
     """Compile every variant for every arch. Under TRITON_INTERPRET=1 (where @triton.jit gives
     interpreter functions that cannot be compiled) this runs in a child process without it."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         cmd = [sys.executable, "-m", "varformer.compile_check", "--json",
-               "--archs", ",".join(map(str, archs))] + ([] if ptxas else ["--no-ptxas"])
+               "--archs", ",".join(map(str, archs)), "--dtypes", ",".join(dtypes)]
+        cmd += [] if ptxas else ["--no-ptxas"]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode:
             raise RuntimeError(f"compile check child failed:\n{res.stderr[-3000:]}")
         return json.loads(res.stdout)
-    return [compile_one(e, a, ptxas) for a in archs for e in inventory()]
+    return [compile_one(e, a, ptxas) for a in archs for e in inventory(dtypes)]
 
 
 def report(rows: list[dict]) -> str:
@@ -119,9 +125,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", default="90,80")
     ap.add_argument("--json", action="store_true", help="print rows as JSON")
+    ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--no-ptxas", action="store_true")
     a = ap.parse_args(argv)
-    rows = run(tuple(int(x) for x in a.archs.split(",")), ptxas=not a.no_ptxas)
+    rows = run(tuple(int(x) for x in a.archs.split(",")), ptxas=not a.no_ptxas,
+               dtypes=tuple(a.dtypes.split(",")))
     print(json.dumps(rows) if a.json else report(rows))
     return 0 if all(r["ok"] for r in rows) else 1
 

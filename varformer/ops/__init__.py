@@ -2,14 +2,23 @@
 
 Functions (registered as ``torch.ops.varformer.*``):
     mediator_attention(q, m, k, v, scale=None)
+    window_attention(qkv, rpb_table, *, window_size, shift_size, num_heads, scale=None)
 Modules:
     MediatorAttention — VarFormer's AFT block (official ``AnchorCrossAttnBlock`` weights load)
+    WindowAttention, SwinTransformerBlock, ResidualSwinTransformerBlock — Swin / SwinIR /
+    VarFormer drop-ins
 Utilities:
+    patch_swin(model) / unpatch_swin(model) — fused attention in existing Swin blocks
     backends() — which implementations are available here, and why not
 """
 from ._dispatch import backends
 from .mediator_attention import (MediatorAttention, mediator_attention,
                                  mediator_attention_official, mediator_attention_reference)
+from .swin import (ResidualSwinTransformerBlock, SwinTransformerBlock, WindowAttention,
+                   patch_swin, unpatch_swin)
+from .window_attention import window_attention, window_attention_reference
 
 __all__ = ["backends", "mediator_attention", "mediator_attention_reference",
-           "mediator_attention_official", "MediatorAttention"]
+           "mediator_attention_official", "MediatorAttention", "window_attention",
+           "window_attention_reference", "WindowAttention", "SwinTransformerBlock",
+           "ResidualSwinTransformerBlock", "patch_swin", "unpatch_swin"]

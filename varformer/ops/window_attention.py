@@ -1,0 +1,296 @@
+"""Shifted-window (Swin) attention in image layout, with its drop-in modules.
+
+    window_attention(qkv [B, H, W, 3C], rpb_table [(2ws−1)², heads], *, window_size, shift_size,
+                     num_heads, scale=None) -> out [B, H, W, C]
+
+Semantics of Swin / SwinIR / VarFormer: cyclic shift by −shift, window partition, q·scale
+(head_dim^-1/2 by default) times kᵀ plus the relative position bias, for shift > 0 the region
+mask (−100 between tokens of different regions), softmax, @v, window reverse, shift by +shift.
+qkv channels are ordered as Swin's qkv Linear output (q, k, v; heads × head_dim in each), and
+out is ready for the proj Linear.
+
+Implementations behind ``torch.ops.varformer.window_attention`` (chosen by ``_dispatch``):
+``triton`` (``varformer.kernels.window_attention``: roll/partition/reverse in the addressing,
+region ids computed in-kernel, no score tensor), ``cpu`` (PyTorch's fused CPU attention on
+partitioned windows with the bias and mask as a float mask), ``reference`` (plain PyTorch). The
+backward of every path gives qkv and the bias table gradients; the table gradient is deterministic.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _checks, _dispatch
+
+OP = "window_attention"
+_aten = torch.ops.aten
+
+
+# --------------------------------------------------------------------------------------------
+# index helpers and the plain reference
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _relative_position_index_cpu(ws: int) -> Tensor:
+    r = torch.arange(ws)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    y, x = yy.flatten(), xx.flatten()
+    return (y[:, None] - y[None, :] + ws - 1) * (2 * ws - 1) + (x[:, None] - x[None, :] + ws - 1)
+
+
+def relative_position_index(ws: int) -> Tensor:
+    """[ws², ws²] int64 index into the (2ws−1)² bias table, as Swin builds it."""
+    return _relative_position_index_cpu(ws).clone()
+
+
+def region_mask(H: int, W: int, ws: int, shift: int) -> Tensor:
+    """Swin's shift mask [nW, ws², ws²]: −100 between tokens of different regions, else 0."""
+    img = torch.zeros(H, W)
+    cnt = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            img[hs, wsl] = cnt
+            cnt += 1
+    mw = img.view(H // ws, ws, W // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
+    return (mw[:, None, :] - mw[:, :, None]).ne(0).float() * -100.0
+
+
+def _partition(x: Tensor, ws: int, shift: int) -> Tensor:
+    """[B, H, W, X] -> [B, nW, ws², X] after the cyclic shift by −shift."""
+    if shift:
+        x = torch.roll(x, (-shift, -shift), (1, 2))
+    B, H, W, X = x.shape
+    x = x.view(B, H // ws, ws, W // ws, ws, X).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, (H // ws) * (W // ws), ws * ws, X)
+
+
+def _reverse(x: Tensor, ws: int, shift: int, H: int, W: int) -> Tensor:
+    """[B, nW, ws², X] -> [B, H, W, X], then the cyclic shift by +shift."""
+    B, X = x.shape[0], x.shape[-1]
+    x = x.view(B, H // ws, W // ws, ws, ws, X).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, X)
+    return torch.roll(x, (shift, shift), (1, 2)) if shift else x
+
+
+def _split_heads(qkv: Tensor, ws: int, shift: int, nh: int):
+    """qkv [B, H, W, 3C] -> q, k, v [B, nW, heads, ws², hd]."""
+    x = _partition(qkv, ws, shift)
+    B, nW, N, C3 = x.shape
+    x = x.view(B, nW, N, 3, nh, C3 // (3 * nh)).permute(3, 0, 1, 4, 2, 5)
+    return x[0], x[1], x[2]
+
+
+def _merge_heads(o: Tensor, ws: int, shift: int, H: int, W: int) -> Tensor:
+    """[B, nW, heads, ws², hd] -> [B, H, W, C]."""
+    B, nW, nh, N, hd = o.shape
+    return _reverse(o.permute(0, 1, 3, 2, 4).reshape(B, nW, N, nh * hd), ws, shift, H, W)
+
+
+def _additive(table: Tensor, H: int, W: int, ws: int, shift: int) -> Tensor:
+    """Bias (+ mask) added to the scores: [nW or 1, heads, ws², ws²]."""
+    N = ws * ws
+    idx = _relative_position_index_cpu(ws).to(table.device).flatten()
+    bias = table[idx].view(N, N, -1).permute(2, 0, 1)[None]
+    if shift:
+        bias = bias + region_mask(H, W, ws, shift).to(table)[:, None]
+    return bias
+
+
+def window_attention_reference(qkv: Tensor, rpb_table: Tensor, window_size: int,
+                               shift_size: int, num_heads: int,
+                               scale: Optional[float] = None) -> Tensor:
+    """Plain differentiable PyTorch (roll, partition, bias, mask, softmax, reverse)."""
+    B, H, W, C3 = qkv.shape
+    hd = C3 // 3 // num_heads
+    s = hd ** -0.5 if scale is None else scale
+    q, k, v = _split_heads(qkv, window_size, shift_size, num_heads)
+    a = (q * s) @ k.transpose(-1, -2) + _additive(rpb_table, H, W, window_size, shift_size)
+    return _merge_heads(a.softmax(-1) @ v, window_size, shift_size, H, W)
+
+
+# --------------------------------------------------------------------------------------------
+# implementations: forward -> (out, lse [B, heads, H·W]); backward -> (dqkv, dtable)
+# --------------------------------------------------------------------------------------------
+def _ct(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _lse_layout(lse: Tensor, ws: int, shift: int, H: int, W: int) -> Tensor:
+    """[B, nW, heads, N] -> [B, heads, H·W]."""
+    x = _reverse(lse.permute(0, 1, 3, 2), ws, shift, H, W)     # [B, H, W, heads]
+    return x.permute(0, 3, 1, 2).reshape(x.shape[0], x.shape[3], H * W).contiguous()
+
+
+def _lse_windows(lse: Tensor, ws: int, shift: int, H: int, W: int) -> Tensor:
+    """[B, heads, H·W] -> [B, nW, heads, N]."""
+    B, nh = lse.shape[:2]
+    x = lse.view(B, nh, H, W).permute(0, 2, 3, 1)
+    return _partition(x, ws, shift).permute(0, 1, 3, 2)
+
+
+def _fwd_reference(qkv, table, ws, shift, nh, scale):
+    B, H, W, _ = qkv.shape
+    ct = _ct(qkv.dtype)
+    q, k, v = _split_heads(qkv.to(ct), ws, shift, nh)
+    a = (q @ k.transpose(-1, -2)) * scale + _additive(table.to(ct), H, W, ws, shift)
+    lse = a.logsumexp(-1)
+    out = _merge_heads(torch.exp(a - lse[..., None]) @ v, ws, shift, H, W)
+    return out.to(qkv.dtype), _lse_layout(lse, ws, shift, H, W).to(_ct(qkv.dtype))
+
+
+def _fwd_cpu(qkv, table, ws, shift, nh, scale):
+    B, H, W, _ = qkv.shape
+    q, k, v = _split_heads(qkv, ws, shift, nh)
+    nW, N, hd = q.shape[1], q.shape[3], q.shape[4]
+    mask = _additive(table.to(qkv.dtype), H, W, ws, shift).expand(B, nW, nh, N, N)
+    flat = lambda t: t.reshape(B * nW, nh, N, hd)  # noqa: E731
+    out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
+        flat(q), flat(k), flat(v), 0.0, False, attn_mask=mask.reshape(B * nW, nh, N, N),
+        scale=scale)
+    out = _merge_heads(out.view(B, nW, nh, N, hd), ws, shift, H, W)
+    return out.contiguous(), _lse_layout(lse.view(B, nW, nh, N), ws, shift, H, W).to(
+        _ct(qkv.dtype))
+
+
+def _bwd_reference(dout, qkv, table, out, lse, ws, shift, nh, scale):
+    B, H, W, _ = qkv.shape
+    ct = _ct(qkv.dtype)
+    q, k, v = _split_heads(qkv.to(ct), ws, shift, nh)
+    nW, N = q.shape[1], q.shape[3]
+    do = _split_heads(torch.cat([dout.to(ct)] * 3, -1), ws, shift, nh)[0]
+    o = _split_heads(torch.cat([out.to(ct)] * 3, -1), ws, shift, nh)[0]
+    a = (q @ k.transpose(-1, -2)) * scale + _additive(table.to(ct), H, W, ws, shift)
+    p = torch.exp(a - _lse_windows(lse.to(ct), ws, shift, H, W)[..., None])
+    dv = p.transpose(-1, -2) @ do
+    ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
+    dq, dk = (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale
+    dqkv = torch.cat([_merge_heads(t, ws, shift, H, W) for t in (dq, dk, dv)], -1)
+    g = ds.sum((0, 1)).reshape(nh, N * N).t()                          # [N·N, heads]
+    idx = _relative_position_index_cpu(ws).to(qkv.device).flatten()
+    dtable = torch.zeros((2 * ws - 1) ** 2, nh, dtype=ct, device=qkv.device).index_add_(0, idx, g)
+    return dqkv.to(qkv.dtype), dtable.to(table.dtype)
+
+
+def _fwd_triton(qkv, table, ws, shift, nh, scale):
+    from varformer.kernels import window_attention as kern
+    return kern.window_forward(qkv.contiguous(), table.float().contiguous(), ws, shift, nh, scale)
+
+
+def _bwd_triton(dout, qkv, table, out, lse, ws, shift, nh, scale):
+    from varformer.kernels import window_attention as kern
+    dqkv, dtable = kern.window_backward(dout, qkv.contiguous(), table.float().contiguous(), out,
+                                        lse, ws, shift, nh, scale)
+    return dqkv, dtable.to(table.dtype)
+
+
+_FWD = {"reference": _fwd_reference, "cpu": _fwd_cpu, "triton": _fwd_triton}
+_BWD = {"reference": _bwd_reference, "cpu": _bwd_reference, "triton": _bwd_triton}
+
+
+# --------------------------------------------------------------------------------------------
+# registered ops
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("varformer::window_attention", mutates_args=())
+def _window_attention_op(qkv: Tensor, rpb_table: Tensor, window_size: int, shift_size: int,
+                         num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    """-> (out [B, H, W, C], lse [B, heads, H·W]: log-sum-exp of every token's scores)."""
+    if qkv.numel() == 0:
+        return _fwd_reference(qkv, rpb_table, window_size, shift_size, num_heads, scale)
+    return _FWD[_dispatch.select(OP, qkv)](qkv, rpb_table, window_size, shift_size, num_heads,
+                                            scale)
+
+
+@_window_attention_op.register_fake
+def _(qkv, rpb_table, window_size, shift_size, num_heads, scale):
+    B, H, W, C3 = qkv.shape
+    return (qkv.new_empty((B, H, W, C3 // 3)),
+            qkv.new_empty((B, num_heads, H * W), dtype=_ct(qkv.dtype)))
+
+
+@torch.library.custom_op("varformer::window_attention_backward", mutates_args=())
+def _window_attention_backward_op(grad_out: Tensor, qkv: Tensor, rpb_table: Tensor, out: Tensor,
+                                  lse: Tensor, window_size: int, shift_size: int, num_heads: int,
+                                  scale: float) -> tuple[Tensor, Tensor]:
+    """-> (grad_qkv, grad_rpb_table)."""
+    path = "reference" if qkv.numel() == 0 else _dispatch.select(OP, qkv)
+    dqkv, dtable = _BWD[path](grad_out, qkv, rpb_table, out, lse, window_size, shift_size,
+                              num_heads, scale)
+    return dqkv.contiguous(), dtable.contiguous()
+
+
+@_window_attention_backward_op.register_fake
+def _(grad_out, qkv, rpb_table, out, lse, window_size, shift_size, num_heads, scale):
+    return qkv.new_empty(qkv.shape), rpb_table.new_empty(rpb_table.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, table, ws, shift, nh, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, table, out, lse)
+    ctx.args = (ws, shift, nh, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    qkv, table, out, lse = ctx.saved_tensors
+    dqkv, dtable = _window_attention_backward_op(grad_out, qkv, table, out, lse, *ctx.args)
+    return dqkv, dtable, None, None, None, None
+
+
+_window_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public function
+# --------------------------------------------------------------------------------------------
+def check_inputs(qkv, rpb_table, window_size, shift_size, num_heads, scale=None) -> float:
+    """Validate window-attention inputs; returns the effective scale."""
+    _checks.tensor(OP, "qkv", qkv, ndim=4, shape_hint="[B, H, W, 3C]")
+    _checks.tensor(OP, "rpb_table", rpb_table, ndim=2, shape_hint="[(2*ws-1)**2, heads]")
+    if rpb_table.device != qkv.device:
+        raise ValueError(f"{OP}: rpb_table is on {rpb_table.device} but qkv is on {qkv.device}")
+    for name, val in (("window_size", window_size), ("shift_size", shift_size),
+                      ("num_heads", num_heads)):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise TypeError(f"{OP}: {name} must be an int, got {type(val).__name__}")
+    if window_size < 1:
+        raise ValueError(f"{OP}: window_size must be >= 1, got {window_size}")
+    if not 0 <= shift_size < window_size:
+        raise ValueError(f"{OP}: shift_size must be in [0, window_size={window_size}), "
+                         f"got {shift_size}")
+    B, H, W, C3 = qkv.shape
+    if C3 % 3:
+        raise ValueError(f"{OP}: qkv's last dim must be 3*C (q, k, v), got {C3}")
+    if num_heads < 1 or (C3 // 3) % num_heads:
+        raise ValueError(f"{OP}: num_heads={num_heads} must divide C={C3 // 3}")
+    if H % window_size or W % window_size:
+        raise ValueError(f"{OP}: H and W must be multiples of window_size={window_size}, got "
+                         f"H={H}, W={W} (pad the image; the modules do)")
+    want = ((2 * window_size - 1) ** 2, num_heads)
+    if tuple(rpb_table.shape) != want:
+        raise ValueError(f"{OP}: rpb_table must have shape {want} for window_size={window_size} "
+                         f"and num_heads={num_heads}, got {tuple(rpb_table.shape)}")
+    if _dispatch.may_use_triton(qkv):
+        if window_size * window_size > 256:
+            raise ValueError(f"{OP}: the Triton kernels take windows of up to 16x16 tokens, "
+                             f"got window_size={window_size}")
+        if B * num_heads > 65535:
+            raise ValueError(f"{OP}: B*num_heads must be at most 65535, got {B * num_heads}")
+        if H * W * C3 > _checks.INT32_MAX:
+            raise ValueError(f"{OP}: one image of qkv holds {H * W * C3} elements; the kernels "
+                             f"address at most {_checks.INT32_MAX} (int32)")
+    return _checks.scale(OP, scale, (C3 // 3 // num_heads) ** -0.5)
+
+
+def window_attention(qkv: Tensor, rpb_table: Tensor, *, window_size: int, shift_size: int,
+                     num_heads: int, scale: Optional[float] = None) -> Tensor:
+    """Swin window attention on image-layout qkv [B, H, W, 3C] -> [B, H, W, C].
+
+    rpb_table [(2·window_size−1)², num_heads] (any float dtype; its gradient keeps its dtype).
+    H and W must be multiples of window_size; 0 ≤ shift_size < window_size. qkv may have any
+    strides (the Triton path makes it contiguous). Differentiable in qkv and rpb_table."""
+    s = check_inputs(qkv, rpb_table, window_size, shift_size, num_heads, scale)
+    return torch.ops.varformer.window_attention(qkv, rpb_table, window_size, shift_size,
+                                                num_heads, s)[0]
