@@ -270,23 +270,26 @@ def _win_bwd_dkdv(QKV, TABLE, DOUT, LSE, DELTA, DQKV, H, W, C, n_heads, hd, ws, 
 # launch configuration and launchers
 # --------------------------------------------------------------------------------------------
 WINDOW_SIZES = (4, 7, 8, 16)    # what the compile check covers; any ws with ws² ≤ 256 runs
-BLOCK_DS = (16, 32, 64)         # head-dim chunk: next_pow2(max(hd, 16)), at most 64 (fp32: 32)
+BLOCK_DS = (16, 32, 64)         # head-dim chunks: next_pow2(max(hd, 16)) capped by tiling()
 
 
 def tiling(ws: int, hd: int, f32: bool = False) -> dict:
     """NP, WPP, BQ, BK, BLOCK_D, num_dk and warps for a window size, head dim and dtype class.
 
-    Chosen so that ptxas reports no spills on sm_90a: fp32 (FMA dots without TF32) uses
-    32-row tiles and 32-wide head chunks; windows larger than a tile are split in half-tile
+    Chosen so that ptxas reports no spills on sm_90a (searched offline): fp16/bf16 use 64-row
+    tiles, 64-wide head chunks, 8 warps; fp32 (FMA dots without TF32) 32-row tiles with 32-wide
+    chunks, 16-row tiles with 16-wide chunks; windows larger than a tile are split in half-tile
     blocks."""
     n = ws * ws
     NP = max(16, triton.next_power_of_2(n))
     rows = 32 if f32 else 64
     WPP = max(1, rows // NP)
     blk = min(WPP * NP, rows if NP <= rows else rows // 2)
-    BLOCK_D = min(32 if f32 else 64, max(16, triton.next_power_of_2(hd)))
+    d_cap = 64 if not f32 else (32 if blk >= 32 else 16)
+    BLOCK_D = min(d_cap, max(16, triton.next_power_of_2(hd)))
+    warps = 8 if (not f32 or blk >= 32) else 4
     return dict(NP=NP, WPP=WPP, BQ=blk, BK=blk, BLOCK_D=BLOCK_D, num_dk=triton.cdiv(hd, BLOCK_D),
-                num_warps=8 if blk >= 64 else 4)
+                num_warps=warps)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -378,20 +381,23 @@ def compile_inventory(dtypes=("fp32", "fp16", "bf16"), tf32: bool = True):
     for dt, prec in variants:
         tag0 = f"{dt}{'/tf32' if dt == 'fp32' and prec == 'tf32' else ''}"
         f32 = dt == "fp32"
+        tiles = {}
         for ws in WINDOW_SIZES:
-            for bd in BLOCK_DS[:2] if f32 else BLOCK_DS:
-                t = tiling(ws, bd, f32)
-                for shifted in (False, True):
-                    cx = dict(NP=t["NP"], WPP=t["WPP"], BQ=t["BQ"], BK=t["BK"], BLOCK_D=bd,
-                              SHIFTED=shifted, PREC=prec, UPCAST=False)
-                    tag = f"{tag0} ws={ws} BLOCK_D={bd}{' shifted' if shifted else ''}"
-                    io = dict(QKV=f"*{dt}", TABLE="*fp32", LSE="*fp32")
-                    out.append(entry("window_fwd", _win_fwd, dict(io, OUT=f"*{dt}"),
-                                     ["scale_log2"], cx, t["num_warps"], tag))
-                    bw = dict(io, DOUT=f"*{dt}", DELTA="*fp32", DQKV=f"*{dt}", DBIAS="*fp32")
-                    out.append(entry("window_bwd_dq", _win_bwd_dq, bw, ["scale", "scale_log2"],
-                                     cx, t["num_warps"], tag))
-                    out.append(entry("window_bwd_dkdv", _win_bwd_dkdv, bw, ["scale", "scale_log2"],
-                                     cx, t["num_warps"], tag))
+            for hd in BLOCK_DS:
+                t = tiling(ws, hd, f32)
+                tiles[(ws, t["BLOCK_D"])] = t
+        for (ws, bd), t in sorted(tiles.items()):
+            for shifted in (False, True):
+                cx = dict(NP=t["NP"], WPP=t["WPP"], BQ=t["BQ"], BK=t["BK"], BLOCK_D=bd,
+                          SHIFTED=shifted, PREC=prec, UPCAST=False)
+                tag = f"{tag0} ws={ws} BLOCK_D={bd}{' shifted' if shifted else ''}"
+                io = dict(QKV=f"*{dt}", TABLE="*fp32", LSE="*fp32")
+                out.append(entry("window_fwd", _win_fwd, dict(io, OUT=f"*{dt}"),
+                                 ["scale_log2"], cx, t["num_warps"], tag))
+                bw = dict(io, DOUT=f"*{dt}", DELTA="*fp32", DQKV=f"*{dt}", DBIAS="*fp32")
+                out.append(entry("window_bwd_dq", _win_bwd_dq, bw, ["scale", "scale_log2"],
+                                 cx, t["num_warps"], tag))
+                out.append(entry("window_bwd_dkdv", _win_bwd_dkdv, bw, ["scale", "scale_log2"],
+                                 cx, t["num_warps"], tag))
     return out
 
