@@ -12,7 +12,7 @@
 """
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Optional
 
 import torch
@@ -166,7 +166,9 @@ class _PatchEmbed(nn.Module):
 
     def __init__(self, dim: int, patch_size: int = 4):
         super().__init__()
-        self.proj = nn.Conv2d(0, dim, kernel_size=patch_size, stride=patch_size)
+        with warnings.catch_warnings():  # a zero-element weight: its init is a no-op
+            warnings.simplefilter("ignore", UserWarning)
+            self.proj = nn.Conv2d(0, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return x.flatten(2).transpose(1, 2)
