@@ -6,7 +6,8 @@ import importlib
 import os
 import sys
 
-OPS = {"mediator_attention": "varformer.benchmarks.bench_mediator_attention"}
+OPS = {"mediator_attention": "varformer.benchmarks.bench_mediator_attention",
+       "window_attention": "varformer.benchmarks.bench_window_attention"}
 
 
 def _bench(args) -> int:

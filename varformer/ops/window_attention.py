@@ -11,9 +11,10 @@ out is ready for the proj Linear.
 
 Implementations behind ``torch.ops.varformer.window_attention`` (chosen by ``_dispatch``):
 ``triton`` (``varformer.kernels.window_attention``: roll/partition/reverse in the addressing,
-region ids computed in-kernel, no score tensor), ``cpu`` (PyTorch's fused CPU attention on
-partitioned windows with the bias and mask as a float mask), ``reference`` (plain PyTorch). The
-backward of every path gives qkv and the bias table gradients; the table gradient is deterministic.
+region ids computed in-kernel, no score tensor), ``cpu`` (batched matmuls on partitioned windows
+with the bias and mask broadcast and the softmax in place on one score buffer), ``reference``
+(plain PyTorch). The backward of every path gives qkv and the bias table gradients; the table
+gradient of the Triton path is deterministic (no atomics).
 """
 from __future__ import annotations
 
@@ -82,6 +83,13 @@ def _split_heads(qkv: Tensor, ws: int, shift: int, nh: int):
     return x[0], x[1], x[2]
 
 
+def _one_heads(x: Tensor, ws: int, shift: int, nh: int) -> Tensor:
+    """x [B, H, W, C] -> [B, nW, heads, ws², hd]."""
+    x = _partition(x, ws, shift)
+    B, nW, N, C = x.shape
+    return x.view(B, nW, N, nh, C // nh).transpose(2, 3)
+
+
 def _merge_heads(o: Tensor, ws: int, shift: int, H: int, W: int) -> Tensor:
     """[B, nW, heads, ws², hd] -> [B, H, W, C]."""
     B, nW, nh, N, hd = o.shape
@@ -141,17 +149,32 @@ def _fwd_reference(qkv, table, ws, shift, nh, scale):
 
 
 def _fwd_cpu(qkv, table, ws, shift, nh, scale):
+    """Batched matmuls on partitioned windows with the bias and mask broadcast, softmax done in
+    place on the one score buffer (windows hold 16–256 tokens: the scores are as small as q)."""
     B, H, W, _ = qkv.shape
     q, k, v = _split_heads(qkv, ws, shift, nh)
-    nW, N, hd = q.shape[1], q.shape[3], q.shape[4]
-    mask = _additive(table.to(qkv.dtype), H, W, ws, shift).expand(B, nW, nh, N, N)
-    flat = lambda t: t.reshape(B * nW, nh, N, hd)  # noqa: E731
-    out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
-        flat(q), flat(k), flat(v), 0.0, False, attn_mask=mask.reshape(B * nW, nh, N, N),
-        scale=scale)
-    out = _merge_heads(out.view(B, nW, nh, N, hd), ws, shift, H, W)
-    return out.contiguous(), _lse_layout(lse.view(B, nW, nh, N), ws, shift, H, W).to(
-        _ct(qkv.dtype))
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    s += _additive(table.to(s.dtype), H, W, ws, shift)
+    lse = s.logsumexp(-1, keepdim=True)
+    out = _merge_heads(torch.matmul(s.sub_(lse).exp_(), v), ws, shift, H, W)
+    return out.contiguous(), _lse_layout(lse.squeeze(-1), ws, shift, H, W).to(_ct(qkv.dtype))
+
+
+def _bwd_cpu(dout, qkv, table, out, lse, ws, shift, nh, scale):
+    """The reference backward with one [.., N, N] buffer reused in place (p, then dS)."""
+    B, H, W, _ = qkv.shape
+    q, k, v = _split_heads(qkv, ws, shift, nh)
+    do, o = _one_heads(dout, ws, shift, nh), _one_heads(out, ws, shift, nh)
+    p = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    p += _additive(table.to(p.dtype), H, W, ws, shift)
+    p.sub_(_lse_windows(lse.to(p.dtype), ws, shift, H, W)[..., None]).exp_()
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    ds = torch.matmul(do, v.transpose(-1, -2)).sub_((do * o).sum(-1, keepdim=True)).mul_(p)
+    del p
+    dq = torch.matmul(ds, k).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
+    dqkv = torch.cat([_merge_heads(t, ws, shift, H, W) for t in (dq, dk, dv)], -1)
+    return dqkv, _table_grad_from_scores(ds, ws, table)
 
 
 def _bwd_reference(dout, qkv, table, out, lse, ws, shift, nh, scale):
@@ -159,18 +182,23 @@ def _bwd_reference(dout, qkv, table, out, lse, ws, shift, nh, scale):
     ct = _ct(qkv.dtype)
     q, k, v = _split_heads(qkv.to(ct), ws, shift, nh)
     nW, N = q.shape[1], q.shape[3]
-    do = _split_heads(torch.cat([dout.to(ct)] * 3, -1), ws, shift, nh)[0]
-    o = _split_heads(torch.cat([out.to(ct)] * 3, -1), ws, shift, nh)[0]
+    do, o = _one_heads(dout.to(ct), ws, shift, nh), _one_heads(out.to(ct), ws, shift, nh)
     a = (q @ k.transpose(-1, -2)) * scale + _additive(table.to(ct), H, W, ws, shift)
     p = torch.exp(a - _lse_windows(lse.to(ct), ws, shift, H, W)[..., None])
     dv = p.transpose(-1, -2) @ do
     ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
     dq, dk = (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale
     dqkv = torch.cat([_merge_heads(t, ws, shift, H, W) for t in (dq, dk, dv)], -1)
+    return dqkv.to(qkv.dtype), _table_grad_from_scores(ds, ws, table)
+
+
+def _table_grad_from_scores(ds: Tensor, ws: int, table: Tensor) -> Tensor:
+    """dS [B, nW, heads, N, N] -> gradient of the bias table [(2ws−1)², heads] (table dtype)."""
+    nh, N = ds.shape[2], ds.shape[3]
     g = ds.sum((0, 1)).reshape(nh, N * N).t()                          # [N·N, heads]
-    idx = _relative_position_index_cpu(ws).to(qkv.device).flatten()
-    dtable = torch.zeros((2 * ws - 1) ** 2, nh, dtype=ct, device=qkv.device).index_add_(0, idx, g)
-    return dqkv.to(qkv.dtype), dtable.to(table.dtype)
+    idx = _relative_position_index_cpu(ws).to(ds.device).flatten()
+    dtable = torch.zeros((2 * ws - 1) ** 2, nh, dtype=ds.dtype, device=ds.device)
+    return dtable.index_add_(0, idx, g).to(table.dtype)
 
 
 def _fwd_triton(qkv, table, ws, shift, nh, scale):
@@ -186,7 +214,7 @@ def _bwd_triton(dout, qkv, table, out, lse, ws, shift, nh, scale):
 
 
 _FWD = {"reference": _fwd_reference, "cpu": _fwd_cpu, "triton": _fwd_triton}
-_BWD = {"reference": _bwd_reference, "cpu": _bwd_reference, "triton": _bwd_triton}
+_BWD = {"reference": _bwd_reference, "cpu": _bwd_cpu, "triton": _bwd_triton}
 
 
 # --------------------------------------------------------------------------------------------
