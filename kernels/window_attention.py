@@ -96,6 +96,20 @@ def _dot_rows(x_base, x_pix, x_ok, y_base, y_pix, y_ok, sx_pix, sy_pix, col_x, c
 
 
 @triton.jit
+def _scores(qkv, TABLE, C, head, n_heads, hd, num_dk, scale_log2, H, W, ws, shift,
+            pix_q, wl_q, py_q, px_q, hs_q, wx_q, ok_q, pix_k, wl_k, py_k, px_k, hs_k, wx_k, ok_k,
+            BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr, SHIFTED: tl.constexpr,
+            PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores of a query block against a key block in log2 units: (q·kᵀ·scale + bias + mask)·log2e,
+    −inf between different windows."""
+    s = _dot_rows(qkv, pix_q, ok_q, qkv, pix_k, ok_k, 3 * C, 3 * C, head * hd, C + head * hd, hd,
+                  num_dk, BQ, BK, BLOCK_D, PREC, UPCAST)
+    return s * scale_log2 + 1.4426950408889634 * _bias_mask(
+        TABLE, head, n_heads, wl_q, py_q, px_q, hs_q, wx_q, ok_q, wl_k, py_k, px_k, hs_k, wx_k,
+        ok_k, H, W, ws, shift, SHIFTED)
+
+
+@triton.jit
 def _load_cols(base, pix, ok, s_pix, col0, offs_c, hd, UPCAST: tl.constexpr):
     x = tl.load(base + pix[:, None] * s_pix + (col0 + offs_c)[None, :],
                 mask=ok[:, None] & (offs_c < hd)[None, :], other=0.0)
@@ -134,11 +148,9 @@ def _win_fwd(QKV, TABLE, OUT, LSE, H, W, C, n_heads, hd, ws, shift, nww, n_win, 
         offs_k = kb * BK + tl.arange(0, BK)
         pix_k, wl_k, py_k, px_k, hs_k, wx_k, ok_k = _tokens(group, offs_k, H, W, nww, n_win, ws,
                                                             shift, NP, WPP)
-        s = _dot_rows(qkv, pix_q, ok_q, qkv, pix_k, ok_k, 3 * C, 3 * C, head * hd, C + head * hd,
-                      hd, num_dk, BQ, BK, BLOCK_D, PREC, UPCAST)
-        s = s * scale_log2 + 1.4426950408889634 * _bias_mask(
-            TABLE, head, n_heads, wl_q, py_q, px_q, hs_q, wx_q, ok_q, wl_k, py_k, px_k, hs_k, wx_k,
-            ok_k, H, W, ws, shift, SHIFTED)
+        s = _scores(qkv, TABLE, C, head, n_heads, hd, num_dk, scale_log2, H, W, ws, shift,
+                    pix_q, wl_q, py_q, px_q, hs_q, wx_q, ok_q, pix_k, wl_k, py_k, px_k, hs_k, wx_k,
+                    ok_k, BQ, BK, BLOCK_D, SHIFTED, PREC, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded rows: no key yet
         alpha = tl.exp2(m_i - m_use)
@@ -186,11 +198,9 @@ def _win_bwd_dq(QKV, TABLE, DOUT, LSE, DELTA, DQKV, DBIAS, H, W, C, n_heads, hd,
         offs_k = kb * BK + tl.arange(0, BK)
         pix_k, wl_k, py_k, px_k, hs_k, wx_k, ok_k = _tokens(group, offs_k, H, W, nww, n_win, ws,
                                                             shift, NP, WPP)
-        s = _dot_rows(qkv, pix_q, ok_q, qkv, pix_k, ok_k, 3 * C, 3 * C, head * hd, C + head * hd,
-                      hd, num_dk, BQ, BK, BLOCK_D, PREC, UPCAST)
-        s = s * scale_log2 + 1.4426950408889634 * _bias_mask(
-            TABLE, head, n_heads, wl_q, py_q, px_q, hs_q, wx_q, ok_q, wl_k, py_k, px_k, hs_k, wx_k,
-            ok_k, H, W, ws, shift, SHIFTED)
+        s = _scores(qkv, TABLE, C, head, n_heads, hd, num_dk, scale_log2, H, W, ws, shift,
+                    pix_q, wl_q, py_q, px_q, hs_q, wx_q, ok_q, pix_k, wl_k, py_k, px_k, hs_k, wx_k,
+                    ok_k, BQ, BK, BLOCK_D, SHIFTED, PREC, UPCAST)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(ok_q[:, None] & ok_k[None, :], p, 0.0)
         dp = _dot_rows(dout, pix_q, ok_q, qkv, pix_k, ok_k, C, 3 * C, head * hd, 2 * C + head * hd,
@@ -246,11 +256,9 @@ def _win_bwd_dkdv(QKV, TABLE, DOUT, LSE, DELTA, DQKV, H, W, C, n_heads, hd, ws, 
                                                             shift, NP, WPP)
         lse = tl.load(LSE + bh * HW + pix_q, mask=ok_q, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * HW + pix_q, mask=ok_q, other=0.0)
-        s = _dot_rows(qkv, pix_q, ok_q, qkv, pix_k, ok_k, 3 * C, 3 * C, head * hd, C + head * hd,
-                      hd, num_dk, BQ, BK, BLOCK_D, PREC, UPCAST)
-        s = s * scale_log2 + 1.4426950408889634 * _bias_mask(
-            TABLE, head, n_heads, wl_q, py_q, px_q, hs_q, wx_q, ok_q, wl_k, py_k, px_k, hs_k, wx_k,
-            ok_k, H, W, ws, shift, SHIFTED)
+        s = _scores(qkv, TABLE, C, head, n_heads, hd, num_dk, scale_log2, H, W, ws, shift,
+                    pix_q, wl_q, py_q, px_q, hs_q, wx_q, ok_q, pix_k, wl_k, py_k, px_k, hs_k, wx_k,
+                    ok_k, BQ, BK, BLOCK_D, SHIFTED, PREC, UPCAST)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(ok_q[:, None] & ok_k[None, :], p, 0.0)
         do = _load_cols(dout, pix_q, ok_q, C, head * hd, offs_c, hd, UPCAST)
