@@ -148,33 +148,75 @@ def _fwd_reference(qkv, table, ws, shift, nh, scale):
     return out.to(qkv.dtype), _lse_layout(lse, ws, shift, H, W).to(_ct(qkv.dtype))
 
 
+@functools.lru_cache(maxsize=64)
+def _window_order(H: int, W: int, ws: int, shift: int, device: str):
+    """(perm, inverse): pixel index h·W + w of every (window, position) in window order after
+    the cyclic shift, and its inverse — roll + partition (and back) as one gather each."""
+    hs = torch.arange(H).view(H // ws, ws)
+    wx = torch.arange(W).view(W // ws, ws)
+    h = (hs + shift) % H
+    w = (wx + shift) % W
+    pix = h[:, None, :, None] * W + w[None, :, None, :]           # [H/ws, W/ws, ws, ws]
+    perm = pix.reshape(-1)
+    return perm.to(device), torch.argsort(perm).to(device)
+
+
+def _rows(n_images: int, index: Tensor) -> Tensor:
+    """Row index into [B·H·W, X] for every image (dim-0 gathers copy whole rows at once)."""
+    hw = index.numel()
+    return (index[None] + hw * torch.arange(n_images, device=index.device)[:, None]).reshape(-1)
+
+
+def _to_windows(x: Tensor, perm: Tensor, ws: int, parts: int) -> Tensor:
+    """[B, H, W, X] -> [B, nW, ws², parts, X / parts] in one gather."""
+    B, H, W, X = x.shape
+    N = ws * ws
+    y = x.reshape(B * H * W, X).index_select(0, _rows(B, perm))
+    return y.view(B, H * W // N, N, parts, X // parts)
+
+
+def _from_windows(y: Tensor, inv: Tensor, H: int, W: int) -> Tensor:
+    """[B, nW, ws², k, heads, hd] (contiguous) -> [B, H, W, k·heads·hd] in one gather."""
+    B = y.shape[0]
+    return y.reshape(B * H * W, -1).index_select(0, _rows(B, inv)).view(B, H, W, -1)
+
+
 def _fwd_cpu(qkv, table, ws, shift, nh, scale):
-    """Batched matmuls on partitioned windows with the bias and mask broadcast, softmax done in
-    place on the one score buffer (windows hold 16–256 tokens: the scores are as small as q)."""
-    B, H, W, _ = qkv.shape
-    q, k, v = _split_heads(qkv, ws, shift, nh)
+    """Batched matmuls on windows gathered in one pass, bias and mask broadcast, the softmax in
+    place on one score buffer (windows hold 16–256 tokens: the scores are as small as q)."""
+    B, H, W, C3 = qkv.shape
+    perm, inv = _window_order(H, W, ws, shift, str(qkv.device))
+    x = _to_windows(qkv, perm, ws, 3 * nh)                       # [B, nW, N, 3·heads, hd]
+    q, k, v = (x[:, :, :, i * nh:(i + 1) * nh].transpose(2, 3) for i in range(3))
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     s += _additive(table.to(s.dtype), H, W, ws, shift)
-    lse = s.logsumexp(-1, keepdim=True)
-    out = _merge_heads(torch.matmul(s.sub_(lse).exp_(), v), ws, shift, H, W)
-    return out.contiguous(), _lse_layout(lse.squeeze(-1), ws, shift, H, W).to(_ct(qkv.dtype))
+    lse = s.logsumexp(-1)                                        # [B, nW, heads, N]
+    o = torch.matmul(s.sub_(lse[..., None]).exp_(), v)           # [B, nW, heads, N, hd]
+    out = _from_windows(o.transpose(2, 3).contiguous(), inv, H, W)
+    lse = lse.transpose(2, 3).reshape(B * H * W, nh).index_select(0, _rows(B, inv))
+    return out, lse.view(B, H * W, nh).transpose(1, 2).contiguous().to(_ct(qkv.dtype))
 
 
 def _bwd_cpu(dout, qkv, table, out, lse, ws, shift, nh, scale):
-    """The reference backward with one [.., N, N] buffer reused in place (p, then dS)."""
-    B, H, W, _ = qkv.shape
-    q, k, v = _split_heads(qkv, ws, shift, nh)
-    do, o = _one_heads(dout, ws, shift, nh), _one_heads(out, ws, shift, nh)
+    """The reference backward on windows gathered in one pass, one [.., N, N] buffer reused in
+    place (p, then dS), and dqkv written back in one gather."""
+    B, H, W, C3 = qkv.shape
+    perm, inv = _window_order(H, W, ws, shift, str(qkv.device))
+    x = _to_windows(qkv, perm, ws, 3 * nh)
+    q, k, v = (x[:, :, :, i * nh:(i + 1) * nh].transpose(2, 3) for i in range(3))
+    do = _to_windows(dout, perm, ws, nh).transpose(2, 3)
+    o = _to_windows(out, perm, ws, nh).transpose(2, 3)
+    lse_w = lse.to(q.dtype).index_select(2, perm).view(B, nh, -1, ws * ws).transpose(1, 2)
     p = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     p += _additive(table.to(p.dtype), H, W, ws, shift)
-    p.sub_(_lse_windows(lse.to(p.dtype), ws, shift, H, W)[..., None]).exp_()
+    p.sub_(lse_w[..., None]).exp_()
     dv = torch.matmul(p.transpose(-1, -2), do)
     ds = torch.matmul(do, v.transpose(-1, -2)).sub_((do * o).sum(-1, keepdim=True)).mul_(p)
     del p
     dq = torch.matmul(ds, k).mul_(scale)
     dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
-    dqkv = torch.cat([_merge_heads(t, ws, shift, H, W) for t in (dq, dk, dv)], -1)
-    return dqkv, _table_grad_from_scores(ds, ws, table)
+    d = torch.stack([t.transpose(2, 3) for t in (dq, dk, dv)], dim=3)   # [B, nW, N, 3, heads, hd]
+    return _from_windows(d, inv, H, W), _table_grad_from_scores(ds, ws, table)
 
 
 def _bwd_reference(dout, qkv, table, out, lse, ws, shift, nh, scale):
