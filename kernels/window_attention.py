@@ -119,6 +119,14 @@ def _load_cols(base, pix, ok, s_pix, col0, offs_c, hd, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _program(n_blocks: tl.constexpr, n_heads):
+    """Grid (groups·blocks, B·heads, d-chunks) -> (group, block, b·heads, b, head, d-chunk)."""
+    bh = tl.program_id(1).to(tl.int64)
+    return (tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks, bh, bh // n_heads,
+            (bh % n_heads).to(tl.int32), tl.program_id(2))
+
+
+@triton.jit
 def _win_fwd(QKV, TABLE, OUT, LSE, H, W, C, n_heads, hd, ws, shift, nww, n_win, n_groups,
              num_dk, scale_log2,
              NP: tl.constexpr, WPP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
@@ -126,13 +134,7 @@ def _win_fwd(QKV, TABLE, OUT, LSE, H, W, C, n_heads, hd, ws, shift, nww, n_win, 
              UPCAST: tl.constexpr):
     """Grid (groups·q-blocks, B·heads, d-chunks). LSE [B, heads, H·W] (natural log)."""
     R: tl.constexpr = WPP * NP
-    n_qb: tl.constexpr = R // BQ
-    group = tl.program_id(0) // n_qb
-    qb = tl.program_id(0) % n_qb
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // n_heads
-    head = (bh % n_heads).to(tl.int32)
-    dc = tl.program_id(2)
+    group, qb, bh, b, head, dc = _program(R // BQ, n_heads)
     HW = H * W
     qkv = QKV + b * HW * 3 * C
     out = OUT + b * HW * C
@@ -175,13 +177,7 @@ def _win_bwd_dq(QKV, TABLE, DOUT, LSE, DELTA, DQKV, DBIAS, H, W, C, n_heads, hd,
     """dq chunk for a query block; chunk-0 programs also write the block's bias-gradient partial
     DBIAS [B·heads·groups, NP, NP] (summed over the group's windows)."""
     R: tl.constexpr = WPP * NP
-    n_qb: tl.constexpr = R // BQ
-    group = tl.program_id(0) // n_qb
-    qb = tl.program_id(0) % n_qb
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // n_heads
-    head = (bh % n_heads).to(tl.int32)
-    dc = tl.program_id(2)
+    group, qb, bh, b, head, dc = _program(R // BQ, n_heads)
     HW = H * W
     qkv = QKV + b * HW * 3 * C
     dout = DOUT + b * HW * C
@@ -232,13 +228,7 @@ def _win_bwd_dkdv(QKV, TABLE, DOUT, LSE, DELTA, DQKV, H, W, C, n_heads, hd, ws, 
                   UPCAST: tl.constexpr):
     """dk and dv chunks for a key block, over the group's query blocks."""
     R: tl.constexpr = WPP * NP
-    n_kb: tl.constexpr = R // BK
-    group = tl.program_id(0) // n_kb
-    kb = tl.program_id(0) % n_kb
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // n_heads
-    head = (bh % n_heads).to(tl.int32)
-    dc = tl.program_id(2)
+    group, kb, bh, b, head, dc = _program(R // BK, n_heads)
     HW = H * W
     qkv = QKV + b * HW * 3 * C
     dout = DOUT + b * HW * C
