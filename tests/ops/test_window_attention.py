@@ -157,3 +157,18 @@ def test_bad_tensors():
         window_attention(qkv, table.to("meta"), **kw)
     with pytest.raises(ValueError, match="rpb_table must have shape"):
         window_attention(qkv, table[:10], **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_large_head_dims(backend):
+    """VarFormer's decoder heads: 160 and 320 channels per head (several head-dim chunks)."""
+    for hd in (160, 320):
+        qkv, table = make(1, 8, 4, 4, 1, hd, torch.float32, grad=True)
+        out = window_attention(qkv, table, window_size=4, shift_size=2, num_heads=1)
+        q64, t64 = (t.detach().double().requires_grad_() for t in (qkv, table))
+        ref = eager_swin(q64, t64, 4, 2, 1)
+        assert rel_err(out, ref) < TOL[torch.float32][0]
+        out.sum().backward()
+        ref.sum().backward()
+        assert rel_err(qkv.grad, q64.grad) < TOL[torch.float32][1]
+        assert rel_err(table.grad, t64.grad) < TOL[torch.float32][1]
