@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ._aot import entry
+from ._common import chunked_dot, load_tile
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -41,36 +42,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _rowdot(a_base, offs_a, mask_a, sa_t, sa_d, b_base, offs_b, mask_b, sb_t, sb_d, D,
-            num_dk, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DK: tl.constexpr,
-            PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """A[offs_a, :D] @ B[offs_b, :D]ᵀ in fp32, looping over d in BLOCK_DK chunks."""
-    acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
-    for c in range(0, num_dk):
-        offs_d = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
-        mask_d = offs_d < D
-        a = tl.load(a_base + offs_a[:, None] * sa_t + offs_d[None, :] * sa_d,
-                    mask=mask_a[:, None] & mask_d[None, :], other=0.0)
-        b = tl.load(b_base + offs_b[:, None] * sb_t + offs_d[None, :] * sb_d,
-                    mask=mask_b[:, None] & mask_d[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc += tl.dot(a, tl.trans(b), input_precision=PREC)
-    return acc
-
-
-@triton.jit
-def _tile(base, offs_t, mask_t, s_t, s_d, offs_c, mask_c, UPCAST: tl.constexpr):
-    """Load base[offs_t, offs_c] (zero outside the masks), fp32 in the interpreter for bf16."""
-    x = tl.load(base + offs_t[:, None] * s_t + offs_c[None, :] * s_d,
-                mask=mask_t[:, None] & mask_c[None, :], other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
-
-
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
               sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
@@ -102,11 +73,11 @@ def _attn_fwd(Q, K, V, O, LSE,
     n_end = tl.minimum(n_start + n_per_split, N)
 
     if SINGLE:
-        q = _tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c, mask_c, UPCAST)
+        q = load_tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c, mask_c, UPCAST)
     if BLOCK_D2 > 0:
         offs_c2 = BLOCK_DV + tl.arange(0, BLOCK_D2)
         mask_c2 = offs_c2 < D
-        q2 = _tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c2, mask_c2, UPCAST)
+        q2 = load_tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c2, mask_c2, UPCAST)
         acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -116,23 +87,23 @@ def _attn_fwd(Q, K, V, O, LSE,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
         if SINGLE:
-            k = _tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c, mask_c, UPCAST)
+            k = load_tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c, mask_c, UPCAST)
             qk = tl.dot(q, tl.trans(k), input_precision=PREC)
             if BLOCK_D2 > 0:
-                k2 = _tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c2, mask_c2, UPCAST)
+                k2 = load_tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c2, mask_c2, UPCAST)
                 qk += tl.dot(q2, tl.trans(k2), input_precision=PREC)
         else:
-            qk = _rowdot(q_base, offs_m, mask_m, sq_t, sq_d, k_base, offs_n, mask_n, sk_t, sk_d, D,
-                         num_dk, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, UPCAST)
+            qk = chunked_dot(q_base, offs_m, mask_m, sq_t, sq_d, k_base, offs_n, mask_n, sk_t, sk_d,
+                             D, num_dk, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, UPCAST)
         qk = tl.where(mask_n[None, :], qk * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c, mask_c, UPCAST)
+        v = load_tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c, mask_c, UPCAST)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         if BLOCK_D2 > 0:
-            v2 = _tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c2, mask_c2, UPCAST)
+            v2 = load_tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c2, mask_c2, UPCAST)
             acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2, input_precision=PREC)
         m_i = m_new
 
@@ -212,13 +183,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     m_end = tl.minimum(m_start + m_per_split, M)
 
     if SINGLE:
-        k = _tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c, mask_c, UPCAST)
-        v = _tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c, mask_c, UPCAST)
+        k = load_tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c, mask_c, UPCAST)
+        v = load_tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c, mask_c, UPCAST)
     if BLOCK_D2 > 0:
         offs_c2 = BLOCK_DV + tl.arange(0, BLOCK_D2)
         mask_c2 = offs_c2 < D
-        k2 = _tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c2, mask_c2, UPCAST)
-        v2 = _tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c2, mask_c2, UPCAST)
+        k2 = load_tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c2, mask_c2, UPCAST)
+        v2 = load_tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c2, mask_c2, UPCAST)
         dk_acc2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
         dv_acc2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
 
@@ -227,21 +198,21 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     for start_m in range(m_start, m_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
-        q_c = _tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c, mask_c, UPCAST)
-        do_c = _tile(do_base, offs_m, mask_m, sdo_t, sdo_d, offs_c, mask_c, UPCAST)
+        q_c = load_tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c, mask_c, UPCAST)
+        do_c = load_tile(do_base, offs_m, mask_m, sdo_t, sdo_d, offs_c, mask_c, UPCAST)
         if SINGLE:
             qk = tl.dot(q_c, tl.trans(k), input_precision=PREC)
             dp = tl.dot(do_c, tl.trans(v), input_precision=PREC)
             if BLOCK_D2 > 0:
-                q2 = _tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c2, mask_c2, UPCAST)
-                do2 = _tile(do_base, offs_m, mask_m, sdo_t, sdo_d, offs_c2, mask_c2, UPCAST)
+                q2 = load_tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c2, mask_c2, UPCAST)
+                do2 = load_tile(do_base, offs_m, mask_m, sdo_t, sdo_d, offs_c2, mask_c2, UPCAST)
                 qk += tl.dot(q2, tl.trans(k2), input_precision=PREC)
                 dp += tl.dot(do2, tl.trans(v2), input_precision=PREC)
         else:
-            qk = _rowdot(q_base, offs_m, mask_m, sq_t, sq_d, k_base, offs_n, mask_n, sk_t, sk_d, D,
-                         num_dk, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, UPCAST)
-            dp = _rowdot(do_base, offs_m, mask_m, sdo_t, sdo_d, v_base, offs_n, mask_n, sv_t, sv_d,
-                         D, num_dk, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, UPCAST)
+            qk = chunked_dot(q_base, offs_m, mask_m, sq_t, sq_d, k_base, offs_n, mask_n, sk_t, sk_d,
+                             D, num_dk, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, UPCAST)
+            dp = chunked_dot(do_base, offs_m, mask_m, sdo_t, sdo_d, v_base, offs_n, mask_n, sv_t,
+                             sv_d, D, num_dk, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, UPCAST)
         lse = tl.load(LSE + pid_bh * M + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + pid_bh * M + offs_m, mask=mask_m, other=0.0)
         p = tl.exp2(qk * scale_log2 - lse[:, None])
@@ -297,13 +268,13 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     n_end = tl.minimum(n_start + n_per_split, N)
 
     if SINGLE:
-        q = _tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c, mask_c, UPCAST)
-        do = _tile(do_base, offs_m, mask_m, sdo_t, sdo_d, offs_c, mask_c, UPCAST)
+        q = load_tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c, mask_c, UPCAST)
+        do = load_tile(do_base, offs_m, mask_m, sdo_t, sdo_d, offs_c, mask_c, UPCAST)
     if BLOCK_D2 > 0:
         offs_c2 = BLOCK_DV + tl.arange(0, BLOCK_D2)
         mask_c2 = offs_c2 < D
-        q2 = _tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c2, mask_c2, UPCAST)
-        do2 = _tile(do_base, offs_m, mask_m, sdo_t, sdo_d, offs_c2, mask_c2, UPCAST)
+        q2 = load_tile(q_base, offs_m, mask_m, sq_t, sq_d, offs_c2, mask_c2, UPCAST)
+        do2 = load_tile(do_base, offs_m, mask_m, sdo_t, sdo_d, offs_c2, mask_c2, UPCAST)
         dq_acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
     lse = tl.load(LSE + pid_bh * M + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + pid_bh * M + offs_m, mask=mask_m, other=0.0)
@@ -312,21 +283,21 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     for start_n in range(n_start, n_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
-        k_c = _tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c, mask_c, UPCAST)
+        k_c = load_tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c, mask_c, UPCAST)
         if SINGLE:
-            v = _tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c, mask_c, UPCAST)
+            v = load_tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c, mask_c, UPCAST)
             qk = tl.dot(q, tl.trans(k_c), input_precision=PREC)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             if BLOCK_D2 > 0:
-                k2 = _tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c2, mask_c2, UPCAST)
-                v2 = _tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c2, mask_c2, UPCAST)
+                k2 = load_tile(k_base, offs_n, mask_n, sk_t, sk_d, offs_c2, mask_c2, UPCAST)
+                v2 = load_tile(v_base, offs_n, mask_n, sv_t, sv_d, offs_c2, mask_c2, UPCAST)
                 qk += tl.dot(q2, tl.trans(k2), input_precision=PREC)
                 dp += tl.dot(do2, tl.trans(v2), input_precision=PREC)
         else:
-            qk = _rowdot(q_base, offs_m, mask_m, sq_t, sq_d, k_base, offs_n, mask_n, sk_t, sk_d, D,
-                         num_dk, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, UPCAST)
-            dp = _rowdot(do_base, offs_m, mask_m, sdo_t, sdo_d, v_base, offs_n, mask_n, sv_t, sv_d,
-                         D, num_dk, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, UPCAST)
+            qk = chunked_dot(q_base, offs_m, mask_m, sq_t, sq_d, k_base, offs_n, mask_n, sk_t, sk_d,
+                             D, num_dk, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, UPCAST)
+            dp = chunked_dot(do_base, offs_m, mask_m, sdo_t, sdo_d, v_base, offs_n, mask_n, sv_t,
+                             sv_d, D, num_dk, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, UPCAST)
         p = tl.exp2(qk * scale_log2 - lse[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
         ds = (p * (dp - delta[:, None])).to(k_c.dtype)
@@ -548,9 +519,6 @@ def mediator_attention_backward(grad_out, grad_s, q, m, k, v, out, s, lse_s, lse
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compile inventory (tests and `varformer bench --compile-report`)
 # --------------------------------------------------------------------------------------------
-_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def compile_inventory(dtypes=("fp32", "fp16", "bf16"), tf32: bool = True):
     """Every launch variant the launchers above can produce on a GPU, as dicts:
     name, fn, signature, constexprs, num_warps, label."""

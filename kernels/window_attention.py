@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._aot import entry
+from ._common import chunked_dot, load_tile
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -59,7 +60,8 @@ def _tokens(group, offs, H, W, nww, n_win, ws, shift, NP: tl.constexpr, WPP: tl.
 def _bias_mask(table, head, n_heads, wl_i, py_i, px_i, hs_i, ws_i, ok_i, wl_j, py_j, px_j, hs_j,
                ws_j, ok_j, H, W, ws, shift, SHIFTED: tl.constexpr):
     """[rows, cols] additive term: relative position bias + region mask, -inf across windows."""
-    idx = (py_i[:, None] - py_j[None, :] + ws - 1) * (2 * ws - 1) + (px_i[:, None] - px_j[None, :] + ws - 1)
+    idx = ((py_i[:, None] - py_j[None, :] + ws - 1) * (2 * ws - 1)
+           + (px_i[:, None] - px_j[None, :] + ws - 1))
     same = (wl_i[:, None] == wl_j[None, :]) & ok_i[:, None] & ok_j[None, :]
     bias = tl.load(table + idx * n_heads + head, mask=same, other=0.0).to(tl.float32)
     if SHIFTED:
@@ -76,46 +78,17 @@ def _bias_mask(table, head, n_heads, wl_i, py_i, px_i, hs_i, ws_i, ok_i, wl_j, p
 
 
 @triton.jit
-def _dot_rows(x_base, x_pix, x_ok, y_base, y_pix, y_ok, sx_pix, sy_pix, col_x, col_y, hd,
-              num_dk, BI: tl.constexpr, BJ: tl.constexpr, BLOCK_D: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """X[x_pix, col_x:col_x+hd] @ Y[y_pix, col_y:col_y+hd]ᵀ in fp32, over d chunks."""
-    acc = tl.zeros([BI, BJ], dtype=tl.float32)
-    for c in range(0, num_dk):
-        offs_d = c * BLOCK_D + tl.arange(0, BLOCK_D)
-        md = offs_d < hd
-        x = tl.load(x_base + x_pix[:, None] * sx_pix + (col_x + offs_d)[None, :],
-                    mask=x_ok[:, None] & md[None, :], other=0.0)
-        y = tl.load(y_base + y_pix[:, None] * sy_pix + (col_y + offs_d)[None, :],
-                    mask=y_ok[:, None] & md[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            y = y.to(tl.float32)
-        acc += tl.dot(x, tl.trans(y), input_precision=PREC)
-    return acc
-
-
-@triton.jit
 def _scores(qkv, TABLE, C, head, n_heads, hd, num_dk, scale_log2, H, W, ws, shift,
             pix_q, wl_q, py_q, px_q, hs_q, wx_q, ok_q, pix_k, wl_k, py_k, px_k, hs_k, wx_k, ok_k,
             BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr, SHIFTED: tl.constexpr,
             PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Scores of a query block against a key block in log2 units: (q·kᵀ·scale + bias + mask)·log2e,
     −inf between different windows."""
-    s = _dot_rows(qkv, pix_q, ok_q, qkv, pix_k, ok_k, 3 * C, 3 * C, head * hd, C + head * hd, hd,
-                  num_dk, BQ, BK, BLOCK_D, PREC, UPCAST)
+    s = chunked_dot(qkv + head * hd, pix_q, ok_q, 3 * C, 1, qkv + C + head * hd, pix_k, ok_k,
+                    3 * C, 1, hd, num_dk, BQ, BK, BLOCK_D, PREC, UPCAST)
     return s * scale_log2 + 1.4426950408889634 * _bias_mask(
         TABLE, head, n_heads, wl_q, py_q, px_q, hs_q, wx_q, ok_q, wl_k, py_k, px_k, hs_k, wx_k,
         ok_k, H, W, ws, shift, SHIFTED)
-
-
-@triton.jit
-def _load_cols(base, pix, ok, s_pix, col0, offs_c, hd, UPCAST: tl.constexpr):
-    x = tl.load(base + pix[:, None] * s_pix + (col0 + offs_c)[None, :],
-                mask=ok[:, None] & (offs_c < hd)[None, :], other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
 
 
 @triton.jit
@@ -158,7 +131,7 @@ def _win_fwd(QKV, TABLE, OUT, LSE, H, W, C, n_heads, hd, ws, shift, nww, n_win, 
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_cols(qkv, pix_k, ok_k, 3 * C, 2 * C + head * hd, offs_c, hd, UPCAST)
+        v = load_tile(qkv + 2 * C + head * hd, pix_k, ok_k, 3 * C, 1, offs_c, offs_c < hd, UPCAST)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     acc = acc / l_i[:, None]
@@ -199,10 +172,10 @@ def _win_bwd_dq(QKV, TABLE, DOUT, LSE, DELTA, DQKV, DBIAS, H, W, C, n_heads, hd,
                     ok_k, BQ, BK, BLOCK_D, SHIFTED, PREC, UPCAST)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(ok_q[:, None] & ok_k[None, :], p, 0.0)
-        dp = _dot_rows(dout, pix_q, ok_q, qkv, pix_k, ok_k, C, 3 * C, head * hd, 2 * C + head * hd,
-                       hd, num_dk, BQ, BK, BLOCK_D, PREC, UPCAST)
+        dp = chunked_dot(dout + head * hd, pix_q, ok_q, C, 1, qkv + 2 * C + head * hd, pix_k, ok_k,
+                         3 * C, 1, hd, num_dk, BQ, BK, BLOCK_D, PREC, UPCAST)
         ds = p * (dp - delta[:, None])
-        k = _load_cols(qkv, pix_k, ok_k, 3 * C, C + head * hd, offs_c, hd, UPCAST)
+        k = load_tile(qkv + C + head * hd, pix_k, ok_k, 3 * C, 1, offs_c, offs_c < hd, UPCAST)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         if dc == 0:
             part = DBIAS + ((bh * n_groups + group) * NP) * NP
@@ -251,12 +224,12 @@ def _win_bwd_dkdv(QKV, TABLE, DOUT, LSE, DELTA, DQKV, H, W, C, n_heads, hd, ws, 
                     ok_k, BQ, BK, BLOCK_D, SHIFTED, PREC, UPCAST)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(ok_q[:, None] & ok_k[None, :], p, 0.0)
-        do = _load_cols(dout, pix_q, ok_q, C, head * hd, offs_c, hd, UPCAST)
+        do = load_tile(dout + head * hd, pix_q, ok_q, C, 1, offs_c, offs_c < hd, UPCAST)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
-        dp = _dot_rows(dout, pix_q, ok_q, qkv, pix_k, ok_k, C, 3 * C, head * hd, 2 * C + head * hd,
-                       hd, num_dk, BQ, BK, BLOCK_D, PREC, UPCAST)
+        dp = chunked_dot(dout + head * hd, pix_q, ok_q, C, 1, qkv + 2 * C + head * hd, pix_k, ok_k,
+                         3 * C, 1, hd, num_dk, BQ, BK, BLOCK_D, PREC, UPCAST)
         ds = p * (dp - delta[:, None])
-        q = _load_cols(qkv, pix_q, ok_q, 3 * C, head * hd, offs_c, hd, UPCAST)
+        q = load_tile(qkv + head * hd, pix_q, ok_q, 3 * C, 1, offs_c, offs_c < hd, UPCAST)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
     m = ok_k[:, None] & (offs_c < hd)[None, :]
     base = dqkv + pix_k[:, None] * 3 * C + (head * hd + offs_c)[None, :]
@@ -275,17 +248,19 @@ def tiling(ws: int, hd: int, f32: bool = False) -> dict:
     """NP, WPP, BQ, BK, BLOCK_D, num_dk and warps for a window size, head dim and dtype class.
 
     Chosen so that ptxas reports no spills on sm_90a (searched offline): fp16/bf16 use 64-row
-    tiles, 64-wide head chunks, 8 warps; fp32 (FMA dots without TF32) 32-row tiles with 32-wide
-    chunks, 16-row tiles with 16-wide chunks; windows larger than a tile are split in half-tile
+    tiles, 64-wide head chunks, 8 warps; fp32 (FMA dots without TF32) 32- or 16-row tiles with
+    16-wide head chunks; windows larger than a tile are split in half-tile
     blocks."""
     n = ws * ws
     NP = max(16, triton.next_power_of_2(n))
     rows = 32 if f32 else 64
     WPP = max(1, rows // NP)
     blk = min(WPP * NP, rows if NP <= rows else rows // 2)
-    d_cap = 64 if not f32 else (32 if blk >= 32 else 16)
+    d_cap = 64 if not f32 else 16
     BLOCK_D = min(d_cap, max(16, triton.next_power_of_2(hd)))
     warps = 8 if (not f32 or blk >= 32) else 4
+    # the bias-gradient reduction over packed windows assumes one block per group when WPP > 1
+    assert WPP == 1 or blk == WPP * NP
     return dict(NP=NP, WPP=WPP, BQ=blk, BK=blk, BLOCK_D=BLOCK_D, num_dk=triton.cdiv(hd, BLOCK_D),
                 num_warps=warps)
 

@@ -22,8 +22,7 @@ import functools
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _checks, _dispatch
 
@@ -223,7 +222,6 @@ def _bwd_reference(dout, qkv, table, out, lse, ws, shift, nh, scale):
     B, H, W, _ = qkv.shape
     ct = _ct(qkv.dtype)
     q, k, v = _split_heads(qkv.to(ct), ws, shift, nh)
-    nW, N = q.shape[1], q.shape[3]
     do, o = _one_heads(dout.to(ct), ws, shift, nh), _one_heads(out.to(ct), ws, shift, nh)
     a = (q @ k.transpose(-1, -2)) * scale + _additive(table.to(ct), H, W, ws, shift)
     p = torch.exp(a - _lse_windows(lse.to(ct), ws, shift, H, W)[..., None])
