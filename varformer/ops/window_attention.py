@@ -198,24 +198,32 @@ def _fwd_cpu(qkv, table, ws, shift, nh, scale):
 
 def _bwd_cpu(dout, qkv, table, out, lse, ws, shift, nh, scale):
     """The reference backward on windows gathered in one pass, one [.., N, N] buffer reused in
-    place (p, then dS), and dqkv written back in one gather."""
+    place (p, then dS), each gradient copied into one window-order buffer as soon as it exists
+    (peak: the gathered qkv, dout, dS, that buffer and one gradient), then one gather back."""
     B, H, W, C3 = qkv.shape
+    N = ws * ws
     perm, inv = _window_order(H, W, ws, shift, str(qkv.device))
     x = _to_windows(qkv, perm, ws, 3 * nh)
     q, k, v = (x[:, :, :, i * nh:(i + 1) * nh].transpose(2, 3) for i in range(3))
     do = _to_windows(dout, perm, ws, nh).transpose(2, 3)
-    o = _to_windows(out, perm, ws, nh).transpose(2, 3)
-    lse_w = lse.to(q.dtype).index_select(2, perm).view(B, nh, -1, ws * ws).transpose(1, 2)
+    # D = rowsum(dout * out) per token and head, taken in image layout (no copy of out)
+    delta = (dout.to(q.dtype) * out.to(q.dtype)).view(B, H * W, nh, -1).sum(-1)   # [B, HW, h]
+    delta = delta.reshape(B * H * W, nh).index_select(0, _rows(B, perm))
+    delta = delta.view(B, -1, N, nh).transpose(2, 3)[..., None]                # [B, nW, h, N, 1]
+    lse_w = lse.to(q.dtype).index_select(2, perm).view(B, nh, -1, N).transpose(1, 2)
     p = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     p += _additive(table.to(p.dtype), H, W, ws, shift)
     p.sub_(lse_w[..., None]).exp_()
-    dv = torch.matmul(p.transpose(-1, -2), do)
-    ds = torch.matmul(do, v.transpose(-1, -2)).sub_((do * o).sum(-1, keepdim=True)).mul_(p)
-    del p
-    dq = torch.matmul(ds, k).mul_(scale)
-    dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
-    d = torch.stack([t.transpose(2, 3) for t in (dq, dk, dv)], dim=3)   # [B, nW, N, 3, heads, hd]
-    return _from_windows(d, inv, H, W), _table_grad_from_scores(ds, ws, table)
+    d = x.new_empty(x.shape)                                     # [B, nW, N, 3·heads, hd]
+    d[:, :, :, 2 * nh:].copy_(torch.matmul(p.transpose(-1, -2), do).transpose(2, 3))
+    ds = torch.matmul(do, v.transpose(-1, -2)).sub_(delta).mul_(p)
+    del p, do
+    d[:, :, :, :nh].copy_(torch.matmul(ds, k).mul_(scale).transpose(2, 3))
+    d[:, :, :, nh:2 * nh].copy_(torch.matmul(ds.transpose(-1, -2), q).mul_(scale).transpose(2, 3))
+    del q, k, v, x
+    dtable = _table_grad_from_scores(ds, ws, table)
+    del ds
+    return _from_windows(d, inv, H, W), dtable
 
 
 def _bwd_reference(dout, qkv, table, out, lse, ws, shift, nh, scale):
