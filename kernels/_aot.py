@@ -2,7 +2,8 @@
 import inspect
 
 
-def entry(name, fn, ptrs: dict, floats: list, constexprs: dict, num_warps: int, label: str):
+def entry(name, fn, ptrs: dict, floats: list, constexprs: dict, num_warps: int, label: str,
+          num_stages: int = 3):
     """One launch variant: Triton signature (pointers as given, named floats fp32, other runtime
     arguments i32, constexprs marked) with its constexpr values and warps."""
     sig = {}
@@ -14,4 +15,4 @@ def entry(name, fn, ptrs: dict, floats: list, constexprs: dict, num_warps: int, 
         else:
             sig[arg] = "fp32" if arg in floats else "i32"
     return dict(name=name, fn=fn, signature=sig, constexprs=constexprs, num_warps=num_warps,
-                label=label)
+                label=label, num_stages=num_stages)

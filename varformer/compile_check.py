@@ -25,8 +25,8 @@ DTYPES = ("fp32", "fp16", "bf16")
 def inventory(dtypes=DTYPES):
     """All launch variants of all kernel families for these input dtypes (fp32 also with TF32):
     list of dicts (see each kernel file's compile_inventory)."""
-    from varformer.kernels import mediator_attention, window_attention
-    return [e for mod in (mediator_attention, window_attention)
+    from varformer.kernels import mediator_attention, vq_lookup, window_attention
+    return [e for mod in (mediator_attention, window_attention, vq_lookup)
             for e in mod.compile_inventory(tuple(dtypes))]
 
 
@@ -70,7 +70,8 @@ def compile_one(entry: dict, arch: int, ptxas: bool = True) -> dict:
         src = ASTSource(fn=entry["fn"], signature=entry["signature"],
                         constexprs=entry["constexprs"])
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": entry["num_warps"]})
+                           options={"num_warps": entry["num_warps"],
+                                    "num_stages": entry.get("num_stages") or 3})
     except Exception as exc:  # a compile error is a finding, not a crash of the check
         row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
         return row

@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 from varformer import compile_check  # noqa: E402
 
 KERNELS = {"mediator_fwd", "mediator_combine", "mediator_bwd_dkdv", "mediator_bwd_dq",
-           "window_fwd", "window_bwd_dq", "window_bwd_dkdv"}
+           "window_fwd", "window_bwd_dq", "window_bwd_dkdv", "vq_argmin", "vq_finish"}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,6 @@ def test_no_register_spills_on_sm90(rows):
 
 def test_report_lists_every_row(rows):
     text = compile_check.report(rows)
-    assert sum(line.startswith(("| mediator_", "| window_")) for line in text.splitlines()) \
+    assert sum(line.startswith(("| mediator_", "| window_", "| vq_")) for line in text.splitlines()) \
         == len(rows)
     assert f"{len(rows)} variants, 0 failed" in text
