@@ -69,6 +69,17 @@ def _z_tile(Z, rows, rmask, offs_c, cmask, P, PW, PH, SH, SW, s_zb, s_zc, s_zh, 
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr, BROADCAST: tl.constexpr):
+    """a [M, K] · b [N, K]ᵀ in fp32. ``BROADCAST`` (interpreter only): an elementwise product
+    and row sums, because numpy's matmul rounds identical rows differently depending on their
+    position in the tile, which would break exact ties."""
+    if BROADCAST:
+        return tl.sum(a[:, None, :].to(tl.float32) * b[None, :, :].to(tl.float32), 2)
+    else:
+        return tl.dot(a, tl.trans(b), input_precision=PREC)
+
+
+@triton.jit
 def _store_codes(E, CODES, rows, rmask, idx, C, P, s_ev, s_ec, BLOCK_C: tl.constexpr,
                  NUM_C: tl.constexpr):
     """codes[token] = E[idx]: rows of [N, C] (P = 1) or pixels of [B, C, PH, PW] (P = PH·PW)."""
@@ -86,7 +97,7 @@ def _vq_argmin(Z, E, EN, OUT_D, OUT_I, CODES, N, V, C, P, PW, PH, SH, SW,
                KH, KW, AREA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                BLOCK_C: tl.constexpr,
                NUM_C: tl.constexpr, NATIVE_DOT: tl.constexpr, PREC: tl.constexpr,
-               WRITE_CODES: tl.constexpr):
+               WRITE_CODES: tl.constexpr, BROADCAST: tl.constexpr):
     """Grid (cdiv(N, BLOCK_N), splits). Writes the split's (min d, argmin) per token to
     OUT_D/OUT_I [splits, N] (the final outputs when splits = 1, then also the codes)."""
     pid = tl.program_id(0)
@@ -116,7 +127,7 @@ def _vq_argmin(Z, E, EN, OUT_D, OUT_I, CODES, N, V, C, P, PW, PH, SH, SW,
                     mask=vmask[:, None] & (offs_c0 < C)[None, :], other=0.0)
         if not NATIVE_DOT:
             e = e.to(tl.float32)
-        dot = tl.dot(z0, tl.trans(e), input_precision=PREC)
+        dot = _dot(z0, e, PREC, BROADCAST)
         for c in range(1, NUM_C):
             offs_c = c * BLOCK_C + offs_c0
             zk = _z_tile(Z, rows, rmask, offs_c, offs_c < C, P, PW, PH, SH, SW, s_zb, s_zc,
@@ -124,9 +135,9 @@ def _vq_argmin(Z, E, EN, OUT_D, OUT_I, CODES, N, V, C, P, PW, PH, SH, SW,
             ek = tl.load(E + cols[:, None] * s_ev + offs_c[None, :] * s_ec,
                          mask=vmask[:, None] & (offs_c < C)[None, :], other=0.0)
             if NATIVE_DOT:
-                dot += tl.dot(zk.to(E.dtype.element_ty), tl.trans(ek), input_precision=PREC)
+                dot += _dot(zk.to(E.dtype.element_ty), ek, PREC, BROADCAST)
             else:
-                dot += tl.dot(zk, tl.trans(ek.to(tl.float32)), input_precision=PREC)
+                dot += _dot(zk, ek.to(tl.float32), PREC, BROADCAST)
         en = tl.load(EN + cols, mask=vmask, other=0.0)
         d = (zn[:, None] + en[None, :]) - 2.0 * dot
         d = tl.where(vmask[None, :], d, float("inf"))
@@ -238,7 +249,8 @@ def _launch(z, strides, geometry, codebook, sqnorm, with_codes, codes_shape, pre
                      codebook.stride(0), codebook.stride(1), per_split, KH, KW, AREA=area,
                      BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_C=cfg["BLOCK_C"],
                      NUM_C=num_c, NATIVE_DOT=native, PREC=prec,
-                     WRITE_CODES=with_codes and n_split == 1, num_warps=cfg["num_warps"],
+                     WRITE_CODES=with_codes and n_split == 1, BROADCAST=INTERPRET,
+                     num_warps=cfg["num_warps"],
                      num_stages=cfg["num_stages"])
     if n_split > 1:
         _vq_finish[(triton.cdiv(N, 64),)](pd, pi, codebook, dist, idx, codes, N, C, P, n_split,
@@ -295,7 +307,8 @@ def compile_inventory(dtypes=("fp32", "fp16", "bf16"), tf32: bool = True):
                             continue
                         cx = dict(AREA=area, BLOCK_N=cfg["BLOCK_N"],
                                   BLOCK_V=cfg["BLOCK_V"], BLOCK_C=bc, NUM_C=triton.cdiv(c, bc),
-                                  NATIVE_DOT=kind == "native", PREC=prec, WRITE_CODES=True)
+                                  NATIVE_DOT=kind == "native", PREC=prec, WRITE_CODES=True,
+                                  BROADCAST=False)
                         ptrs = dict(Z=f"*{dt}", E=f"*{dt}", EN="*fp32", OUT_D="*fp32",
                                     OUT_I="*i64", CODES=f"*{dt}")
                         tag = f"{dt}/{kind} C={c}{' area' if area else ''}"
