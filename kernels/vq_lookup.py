@@ -199,6 +199,8 @@ def config(N: int, C: int, kind: str):
     if C > block_c:        # channel chunks reloaded per code tile: no software pipelining
         bn, bv, warps, _ = t.get("chunked_small" if N <= 16 else "chunked", t[size])
         stages = 1
+    if INTERPRET:          # the interpreter pays per program and per tile step, not per lane
+        bn, bv = max(bn, 64), max(bv, 128)
     return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_C=block_c, num_warps=warps, num_stages=stages)
 
 
