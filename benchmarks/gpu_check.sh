@@ -17,6 +17,10 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
   python3 -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/device.txt"
 
+stamp "build the C++/CUDA extension (csrc/)"
+timeout "${BUILD_TIMEOUT:-300}" python3 -c "from varformer.ops import _ext; print('cpu', _ext.cpu_status()); print('cuda', _ext.cuda_status())" \
+  2>&1 | tee "$OUT/build_ext.log"
+
 stamp "tests (CUDA; the ahead-of-time compile check runs on the CPU machines)"
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
 timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q $xdist -p no:cacheprovider --benchmark-disable \
@@ -37,4 +41,4 @@ tail -n 5 "$OUT/bench.err"
 stamp "summary"
 echo "tests rc=$test_rc  bench rc=$bench_rc"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
-grep -E "^\| mediator" "$OUT/bench.log" | awk -F'|' '{printf "%-24s %-8s %-18s %-9s %10s %8s %8s %9s %6s\n", $3, $4, $5, $6, $7, $8, $9, $10, $13}' | sed 's/([^)]*)//'
+grep -E "^\| (mediator|window|vq)" "$OUT/bench.log" | awk -F'|' '{printf "%-24s %-8s %-18s %-9s %10s %8s %8s %9s %6s\n", $3, $4, $5, $6, $7, $8, $9, $10, $13}' | sed 's/([^)]*)//'

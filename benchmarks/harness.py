@@ -151,6 +151,7 @@ class Case:
     flops: Callable[[str], float]       # mode -> FLOPs of one call
     nbytes: Callable[[str, torch.dtype], float]  # (mode, dtype) -> minimal bytes of one call
     providers: list
+    modes: tuple = ("fwd", "fwd+bwd")
 
 
 @dataclasses.dataclass
@@ -172,9 +173,10 @@ class Row:
     note: str = ""
 
 
-def run_case(case: Case, device: str, modes=("fwd", "fwd+bwd"), quick=False,
+def run_case(case: Case, device: str, modes=None, quick=False,
              log: Callable[[str], None] = print) -> list[Row]:
     peaks = device_peaks(device)
+    modes = modes or case.modes
     rows = []
     for mode in modes:
         base_ms = {}

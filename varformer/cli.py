@@ -7,7 +7,8 @@ import os
 import sys
 
 OPS = {"mediator_attention": "varformer.benchmarks.bench_mediator_attention",
-       "window_attention": "varformer.benchmarks.bench_window_attention"}
+       "window_attention": "varformer.benchmarks.bench_window_attention",
+       "vq": "varformer.benchmarks.bench_vq"}
 
 
 def _bench(args) -> int:

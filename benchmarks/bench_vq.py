@@ -1,0 +1,138 @@
+"""Multi-scale VQ: the single nearest-code lookup and VAR's whole 10-scale quantize.
+
+Lookup (z [B·256, 32] against VAR's codebook [4096, 32], fp32): VAR's eager formula
+(sum + addmm + argmin, the baseline), ``torch.cdist`` + argmin, the fused op on each of its
+paths (C++ with OpenMP on CPU; Triton and CUDA C++ on CUDA) and faiss ``IndexFlatL2`` (CPU, where
+faiss-cpu is installed: an optional, benchmark-only dependency).
+Quantize (f [B, 32, 16, 16] -> 10 index maps, VAR's ``f_to_idxBl_or_fhat``): VAR's eager loop
+against ``MultiScaleQuantizer`` (fused area + lookup + gather per scale; on CUDA also replayed
+from a CUDA graph).
+
+Run: ``varformer bench --op vq [--device cuda] [--quick]``.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from varformer.benchmarks.harness import Case, Provider
+from varformer.ops import MultiScaleQuantizer, vq_lookup, vq_lookup_eager
+
+V, C = 4096, 32
+PN = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+TOKENS = sum(p * p for p in PN)          # 680 per image
+
+
+def _faiss():
+    try:
+        import faiss
+        return faiss
+    except Exception:
+        return None
+
+
+def _codebook(device):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(V, C, generator=g).to(device)
+
+
+def lookup_case(B: int, device: str) -> Case:
+    N = B * 256
+
+    def inputs():
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(N, C, generator=g).to(device), _codebook(device)
+
+    def mk(fn):
+        def make(mode):
+            z, E = inputs()
+            return (lambda: fn(z, E)), None
+        return make
+
+    provs = [Provider("eager (VAR formula)", torch.float32, mk(vq_lookup_eager), baseline=True),
+             Provider("cdist + argmin", torch.float32,
+                      mk(lambda z, E: torch.cdist(z, E).argmin(1)))]
+    if device == "cuda":
+        provs += [Provider("fused triton", torch.float32,
+                           mk(lambda z, E: vq_lookup(z, E, backend="triton"))),
+                  Provider("fused triton tf32x3", torch.float32,
+                           mk(lambda z, E: vq_lookup(z, E, backend="triton",
+                                                     precision="tf32x3"))),
+                  Provider("fused CUDA C++", torch.float32,
+                           mk(lambda z, E: vq_lookup(z, E, backend="csrc")))]
+    else:
+        provs.append(Provider("fused C++", torch.float32,
+                              mk(lambda z, E: vq_lookup(z, E, backend="csrc"))))
+        faiss = _faiss()
+        if faiss is not None:
+            def make_faiss(mode):
+                z, E = inputs()
+                index = faiss.IndexFlatL2(C)
+                index.add(E.numpy())
+                zn = z.numpy()
+                return (lambda: index.search(zn, 1)), None
+            provs.append(Provider("faiss IndexFlatL2", torch.float32, make_faiss))
+    flops = 2.0 * N * V * C
+    return Case("vq_lookup", f"lookup N={N} (B={B}) V={V} C={C}", lambda mode: flops,
+                lambda mode, dt: N * C * 4 + V * C * 4 + N * 8, provs, modes=("fwd",))
+
+
+def var_eager_quantize(q: MultiScaleQuantizer, f: torch.Tensor):
+    """VAR's f_to_idxBl_or_fhat as written: per scale area, sum+addmm+argmin, embedding,
+    bicubic, φ; the baseline."""
+    E = q.embedding.weight
+    B, Cv, H, W = f.shape
+    rest, fhat, out = f.clone(), torch.zeros_like(f), []
+    for si, pn in enumerate(PN):
+        z = rest if si == 9 else F.interpolate(rest, size=(pn, pn), mode="area")
+        z = z.permute(0, 2, 3, 1).reshape(-1, Cv)
+        d = torch.sum(z.square(), 1, keepdim=True) + torch.sum(E.square(), 1)
+        d.addmm_(z, E.T, alpha=-2, beta=1)
+        idx = d.argmin(1)
+        h = q.embedding(idx.view(B, pn, pn)).permute(0, 3, 1, 2)
+        if si != 9:
+            h = F.interpolate(h, size=(H, W), mode="bicubic")
+        h = q._phi(si, 10)(h.contiguous())
+        fhat.add_(h)
+        rest.sub_(h)
+        out.append(idx.view(B, -1))
+    return out
+
+
+def quantize_case(B: int, device: str) -> Case:
+    def mk(kind):
+        def make(mode):
+            q = MultiScaleQuantizer(use_cuda_graph=(kind == "graph")).to(device).eval()
+            q.requires_grad_(False)
+            g = torch.Generator().manual_seed(2)
+            f = torch.randn(B, C, 16, 16, generator=g).to(device)
+            if kind == "eager":
+                return (lambda: var_eager_quantize(q, f)), None
+            return (lambda: q.f_to_idxBl_or_fhat(f, to_fhat=False)), None
+        return make
+
+    provs = [Provider("eager (VAR loop)", torch.float32, mk("eager"), baseline=True),
+             Provider("MultiScaleQuantizer", torch.float32, mk("fused"))]
+    if device == "cuda":
+        provs.append(Provider("MultiScaleQuantizer + CUDA graph", torch.float32, mk("graph")))
+    flops = 2.0 * B * TOKENS * V * C
+    return Case("vq_quantize", f"quantize B={B} (10 scales, {B * TOKENS} tokens)",
+                lambda mode: flops, lambda mode, dt: B * C * 256 * 4 * 3 + V * C * 4, provs,
+                modes=("fwd",))
+
+
+def cases(device: str, quick: bool = False, dtypes=None) -> list[Case]:
+    if quick:
+        lookups, quants = ([16], [16]) if device == "cpu" else ([16, 64], [1, 16])
+    else:
+        lookups, quants = [1, 16, 64], [1, 16, 64]
+    with torch.no_grad():
+        return ([lookup_case(B, device) for B in lookups]
+                + [quantize_case(B, device) for B in quants])
+
+
+if __name__ == "__main__":
+    from varformer.cli import main
+    sys.exit(main(["bench", "--op", "vq"] + sys.argv[1:]))
