@@ -1,0 +1,247 @@
+"""Loader of varformer's C++/CUDA extension (``torch.ops.varformer_ext``), built on first use.
+
+The op::
+
+    vq_lookup(Tensor z, Tensor codebook, Tensor sqnorm, bool with_codes, int cuda_stream)
+        -> (Tensor idx, Tensor dist, Tensor codes)
+
+z [N, C], codebook [V, C], sqnorm [V] -> idx int64 [N], dist [N], codes [N, C] (or [0, C]).
+
+One shared library is built per process with ``torch.utils.cpp_extension.load`` (lean headers,
+no pybind11, ``is_python_module=False``): from ``vq_lookup.cpp`` alone on CPU-only machines, from
+``vq_lookup.cpp`` + ``vq_lookup_cuda.cu`` where torch has CUDA and a device. The library name
+carries a hash of the sources, the flags, torch's version and (with ``-march=native``) the host
+CPU, so a stale or foreign cached build is never loaded. The cache is torch's
+(``TORCH_EXTENSIONS_DIR`` if set).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+NAMESPACE = "varformer_ext"
+OP = f"{NAMESPACE}::vq_lookup"
+CPU_SOURCES = ("vq_lookup.cpp",)
+CUDA_SOURCES = ("vq_lookup_cuda.cu",)
+# Tried in order until one builds: native ISA + OpenMP, portable + OpenMP, serial.
+CPU_FLAG_SETS = ((["-O3", "-fopenmp", "-march=native"], ["-fopenmp"]),
+                 (["-O3", "-fopenmp"], ["-fopenmp"]),
+                 (["-O3"], []))
+CUDA_FLAGS = ["-O3", "-DNDEBUG"]
+
+_lock = threading.Lock()
+_state: dict | None = None
+
+
+def csrc_dir() -> Path:
+    """Directory with the C++/CUDA sources: the installed ``varformer.csrc`` package data if
+    present, else ``<repo>/csrc`` next to the ``varformer`` package."""
+    try:
+        from importlib.resources import files
+        path = Path(str(files("varformer.csrc")))
+        if (path / CPU_SOURCES[0]).is_file():
+            return path
+    except Exception:  # not installed as a package (source checkout, editable install)
+        pass
+    return Path(__file__).resolve().parents[2] / "csrc"
+
+
+def _cpu_id() -> str:
+    """Host CPU model and ISA flags (what ``-march=native`` depends on)."""
+    keys = ("model name", "flags", "features", "cpu part", "cpu implementer")
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read().split("\n\n")[0]
+        lines = [ln for ln in text.splitlines() if ln.split(":")[0].strip().lower() in keys]
+        if lines:
+            return "\n".join(lines)
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{platform.platform()}"
+
+
+def _cxx() -> str | None:
+    for name in filter(None, (os.environ.get("CXX"), "c++", "g++", "clang++")):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def _torch_cuda_reason() -> str:
+    """Why torch cannot run CUDA code here ('' if it can)."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return "torch has CUDA support but no CUDA device is available"
+    from torch.utils import cpp_extension
+    if cpp_extension.CUDA_HOME is None:
+        return "CUDA toolkit not found (no nvcc; set CUDA_HOME)"
+    return ""
+
+
+def _build_name(sources: list[Path], cflags: list[str], cuda: bool) -> str:
+    h = hashlib.sha256()
+    for src in sources:
+        h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
+    h.update(repr((cflags, CUDA_FLAGS if cuda else None, torch.__version__)).encode())
+    if "-march=native" in cflags:
+        h.update(_cpu_id().encode())
+    return f"{NAMESPACE}_{h.hexdigest()[:12]}"
+
+
+def _error_excerpt(exc: BaseException, lines: int = 12) -> str:
+    text = str(exc).strip().splitlines()
+    errors = [ln for ln in text if "error" in ln.lower()]
+    return "\n".join((errors or text)[:lines])
+
+
+def _has_kernel(key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(OP, key)
+    except Exception:
+        return False
+
+
+def _load(sources: list[Path], cflags: list[str], ldflags: list[str], cuda: bool) -> None:
+    from torch.utils import cpp_extension
+    os.environ.setdefault("MAX_JOBS", "2")
+    cpp_extension.load(name=_build_name(sources, cflags, cuda), sources=[str(s) for s in sources],
+                       extra_cflags=cflags, extra_ldflags=ldflags,
+                       extra_cuda_cflags=CUDA_FLAGS if cuda else None,
+                       with_cuda=cuda, is_python_module=False, verbose=False)
+
+
+def _build() -> dict:
+    """Build and load the library once; returns {'cpu': (ok, why), 'cuda': (ok, why)}."""
+    if _has_kernel("CPU"):  # loaded already (by an earlier build or another loader)
+        cuda_ok = _has_kernel("CUDA")
+        return {"cpu": (True, ""), "cuda": (cuda_ok, "" if cuda_ok else
+                                            "loaded library has no CUDA kernel")}
+    cuda_why = _torch_cuda_reason()
+    if _cxx() is None:
+        why = "no C++ compiler found (c++, g++ or clang++ on PATH, or CXX)"
+        return {"cpu": (False, why), "cuda": (False, cuda_why or why)}
+    root = csrc_dir()
+    cpu_src = [root / s for s in CPU_SOURCES]
+    missing = [str(s) for s in cpu_src + [root / s for s in CUDA_SOURCES] if not s.is_file()]
+    if any(not s.is_file() for s in cpu_src):
+        why = f"C++ sources not found: {', '.join(missing)}"
+        return {"cpu": (False, why), "cuda": (False, why)}
+
+    errors = []
+    with_cuda = not cuda_why and not missing
+    if not cuda_why and missing:
+        cuda_why = f"CUDA sources not found: {', '.join(missing)}"
+    for cflags, ldflags in CPU_FLAG_SETS:
+        if with_cuda:
+            try:
+                _load(cpu_src + [root / s for s in CUDA_SOURCES], cflags, ldflags, cuda=True)
+                return {"cpu": (True, ""), "cuda": (True, "")}
+            except Exception as exc:
+                errors.append(f"[{' '.join(cflags)} + CUDA] {_error_excerpt(exc)}")
+                if _has_kernel("CPU"):  # loaded, so the failure came after the build
+                    break
+        try:
+            _load(cpu_src, cflags, ldflags, cuda=False)
+            if with_cuda:
+                cuda_why = "CUDA build failed: " + errors[-1]
+            return {"cpu": (True, ""), "cuda": (False, cuda_why)}
+        except Exception as exc:
+            errors.append(f"[{' '.join(cflags)}] {_error_excerpt(exc)}")
+            if _has_kernel("CPU"):
+                break
+    why = "C++ extension build failed:\n" + "\n".join(errors)
+    if _has_kernel("CPU"):
+        return {"cpu": (True, ""), "cuda": (_has_kernel("CUDA"), why)}
+    return {"cpu": (False, why), "cuda": (False, cuda_why or why)}
+
+
+def _status() -> dict:
+    global _state
+    with _lock:
+        if _state is None:
+            _state = _build()
+        return _state
+
+
+def cpu_status() -> tuple[bool, str]:
+    """(usable, reason if not) for the C++ CPU kernel; builds the library on first call."""
+    return _status()["cpu"]
+
+
+def cuda_status() -> tuple[bool, str]:
+    """(usable, reason if not) for the CUDA kernel; builds the library on first call."""
+    why = _torch_cuda_reason()
+    if why and not _has_kernel("CUDA"):
+        return False, why
+    return _status()["cuda"]
+
+
+def lookup(z: torch.Tensor, codebook: torch.Tensor, sqnorm: torch.Tensor,
+           with_codes: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest code per token. z [N, C], codebook [V, C], sqnorm [V] (contiguous, one dtype,
+    one device) -> idx int64 [N], dist [N] (the minimum distance), codes [N, C] or [0, C]."""
+    if z.is_cuda:
+        ok, why = cuda_status()
+        if not ok:
+            raise RuntimeError(f"varformer_ext.vq_lookup (CUDA) is unavailable: {why}")
+        with torch.cuda.device(z.device):
+            stream = torch.cuda.current_stream(z.device).cuda_stream
+            return torch.ops.varformer_ext.vq_lookup(z, codebook, sqnorm, with_codes, stream)
+    ok, why = cpu_status()
+    if not ok:
+        raise RuntimeError(f"varformer_ext.vq_lookup (CPU) is unavailable: {why}")
+    return torch.ops.varformer_ext.vq_lookup(z, codebook, sqnorm, with_codes, 0)
+
+
+def find_nvcc() -> str | None:
+    """nvcc from CUDA_HOME, CUDA_PATH, the conventional install prefix, or PATH."""
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root:
+            exe = Path(root) / "bin" / "nvcc"
+            if exe.is_file() and os.access(exe, os.X_OK):
+                return str(exe)
+    return shutil.which("nvcc")
+
+
+def compile_cuda_sources_check(arch: str | tuple[str, ...] = "sm_90",
+                               timeout: float = 900) -> tuple[bool, str]:
+    """Compile ``vq_lookup_cuda.cu`` to an object file with nvcc against this torch's headers
+    (no GPU or CUDA torch needed). ``arch``: "sm_90" or several, e.g. ("sm_80", "sm_90").
+    Returns (success, command and compiler output); ptxas reports register spills as warnings.
+    """
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return False, "nvcc not found (CUDA_HOME, CUDA_PATH, /usr/local/cuda/bin, PATH)"
+    from torch.utils import cpp_extension
+    src = csrc_dir() / CUDA_SOURCES[0]
+    if not src.is_file():
+        return False, f"CUDA source not found: {src}"
+    archs = [arch] if isinstance(arch, str) else list(arch)
+    gencode = []
+    for a in archs:
+        num = a.split("_")[-1]
+        gencode += ["-gencode", f"arch=compute_{num},code={a}"]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    # What cpp_extension.load passes to nvcc: its common flags (--expt-relaxed-constexpr, ...)
+    # and C++20 (torch's headers use C++20 features; C++17 only warns), plus ours.
+    common = list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", ["--expt-relaxed-constexpr"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, "-c", "-std=c++20", *common, *CUDA_FLAGS, *gencode,
+               f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-Xcompiler", "-fPIC", "-Xptxas=-warn-spills",
+               *includes, str(src), "-o", str(Path(tmp) / "vq_lookup_cuda.o")]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False, f"nvcc timed out after {timeout} s: {' '.join(cmd)}"
+        log = " ".join(cmd) + "\n" + res.stdout + res.stderr
+        return res.returncode == 0, log
