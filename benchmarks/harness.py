@@ -4,7 +4,7 @@
   between runs); CPU — wall-clock median and p20/p80 over repeated calls.
 * peak memory: CUDA — ``max_memory_allocated`` above what was allocated before the call; CPU —
   the process's resident high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
-  above the resident size before the call.
+  above the resident size before the call, the least of three calls.
 * achieved TFLOP/s and GB/s from per-op counts, and the fraction of the roofline: the ideal time
   max(FLOPs / peak FLOP/s, bytes / peak bandwidth) over the measured time.
 * results: CSV rows, a markdown table, one plot per op (matplotlib, optional).
@@ -101,12 +101,16 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    _malloc_trim()
-    if not _reset_hwm():
-        return float("nan")
-    base = _rss_kb("VmRSS")
-    fn()
-    return max(0, _rss_kb("VmHWM") - base) / 1024
+    peaks = []
+    for _ in range(3):       # resident-set peaks vary with the allocator's state: keep the least
+        _malloc_trim()
+        if not _reset_hwm():
+            return float("nan")
+        base = _rss_kb("VmRSS")
+        fn()
+        peaks.append(max(0, _rss_kb("VmHWM") - base) / 1024)
+        gc.collect()
+    return min(peaks)
 
 
 def time_ms(fn: Callable[[], object], device: str, grad_to_none=None, quick=False):

@@ -180,19 +180,32 @@ def _from_windows(y: Tensor, inv: Tensor, H: int, W: int) -> Tensor:
     return y.reshape(B * H * W, -1).index_select(0, _rows(B, inv)).view(B, H, W, -1)
 
 
-def _fwd_cpu(qkv, table, ws, shift, nh, scale):
-    """Batched matmuls on windows gathered in one pass, bias and mask broadcast, the softmax in
-    place on one score buffer (windows hold 16–256 tokens: the scores are as small as q)."""
+def _fwd_cpu(qkv, table, ws, shift, nh, scale, head_groups: int = 2):
+    """Batched matmuls on windows gathered one head group at a time (half of the heads:
+    the gathered copy and the scores stay a fraction of qkv), bias and mask broadcast, the
+    softmax in place; outputs land in one window-order buffer, gathered back once."""
     B, H, W, C3 = qkv.shape
+    hd, N = C3 // 3 // nh, ws * ws
+    n_win = H * W // N
     perm, inv = _window_order(H, W, ws, shift, str(qkv.device))
-    x = _to_windows(qkv, perm, ws, 3 * nh)                       # [B, nW, N, 3·heads, hd]
-    q, k, v = (x[:, :, :, i * nh:(i + 1) * nh].transpose(2, 3) for i in range(3))
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    s += _additive(table.to(s.dtype), H, W, ws, shift)
-    lse = s.logsumexp(-1)                                        # [B, nW, heads, N]
-    o = torch.matmul(s.sub_(lse[..., None]).exp_(), v)           # [B, nW, heads, N, hd]
-    out = _from_windows(o.transpose(2, 3).contiguous(), inv, H, W)
-    lse = lse.transpose(2, 3).reshape(B * H * W, nh).index_select(0, _rows(B, inv))
+    rows = _rows(B, perm)
+    flat = qkv.reshape(B * H * W, 3, nh, hd)
+    add = _additive(table.to(qkv.dtype), H, W, ws, shift)       # [nW or 1, heads, N, N]
+    o_w = qkv.new_empty((B, n_win, N, nh, hd))
+    lse_w = qkv.new_empty((B, n_win, nh, N))
+    step = -(-nh // head_groups)
+    for h0 in range(0, nh, step):
+        h1 = min(nh, h0 + step)
+        x = flat[:, :, h0:h1].index_select(0, rows).view(B, n_win, N, 3, h1 - h0, hd)
+        q, k, v = (x[:, :, :, i].transpose(2, 3) for i in range(3))   # [B, nW, hg, N, hd]
+        s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+        s += add[:, h0:h1]
+        lse = s.logsumexp(-1)                                    # [B, nW, hg, N]
+        o_w[:, :, :, h0:h1] = torch.matmul(s.sub_(lse[..., None]).exp_(), v).transpose(2, 3)
+        lse_w[:, :, h0:h1] = lse
+        del x, q, k, v, s
+    out = _from_windows(o_w, inv, H, W)
+    lse = lse_w.transpose(2, 3).reshape(B * H * W, nh).index_select(0, _rows(B, inv))
     return out, lse.view(B, H * W, nh).transpose(1, 2).contiguous().to(_ct(qkv.dtype))
 
 
