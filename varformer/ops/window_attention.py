@@ -183,7 +183,8 @@ def _from_windows(y: Tensor, inv: Tensor, H: int, W: int) -> Tensor:
 def _fwd_cpu(qkv, table, ws, shift, nh, scale, head_groups: int = 2):
     """Batched matmuls on windows gathered one head group at a time (half of the heads:
     the gathered copy and the scores stay a fraction of qkv), bias and mask broadcast, the
-    softmax in place; outputs land in one window-order buffer, gathered back once."""
+    softmax in place with one exp pass; outputs land in one window-order buffer, gathered back
+    once."""
     B, H, W, C3 = qkv.shape
     hd, N = C3 // 3 // nh, ws * ws
     n_win = H * W // N
@@ -200,9 +201,10 @@ def _fwd_cpu(qkv, table, ws, shift, nh, scale, head_groups: int = 2):
         q, k, v = (x[:, :, :, i].transpose(2, 3) for i in range(3))   # [B, nW, hg, N, hd]
         s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
         s += add[:, h0:h1]
-        lse = s.logsumexp(-1)                                    # [B, nW, hg, N]
-        o_w[:, :, :, h0:h1] = torch.matmul(s.sub_(lse[..., None]).exp_(), v).transpose(2, 3)
-        lse_w[:, :, h0:h1] = lse
+        m = s.amax(-1, keepdim=True)                             # softmax in place, one exp
+        total = s.sub_(m).exp_().sum(-1, keepdim=True)
+        o_w[:, :, :, h0:h1] = torch.matmul(s.div_(total), v).transpose(2, 3)
+        lse_w[:, :, h0:h1] = (m + total.log()).squeeze(-1)       # [B, nW, hg, N]
         del x, q, k, v, s
     out = _from_windows(o_w, inv, H, W)
     lse = lse_w.transpose(2, 3).reshape(B * H * W, nh).index_select(0, _rows(B, inv))
