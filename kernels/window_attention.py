@@ -297,7 +297,7 @@ def window_forward(qkv, table, ws: int, shift: int, n_heads: int, scale: float):
 def _segments(ws: int, device: str):
     """Sorted order of the relative-position index of a ws×ws window and segment ends per entry
     of the (2ws-1)² table: a deterministic scatter-add without atomics."""
-    r = torch.arange(ws)
+    r = torch.arange(ws, device="cpu")
     yy, xx = torch.meshgrid(r, r, indexing="ij")
     y, x = yy.flatten(), xx.flatten()
     idx = ((y[:, None] - y[None, :] + ws - 1) * (2 * ws - 1) + (x[:, None] - x[None, :] + ws - 1))

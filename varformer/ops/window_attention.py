@@ -35,7 +35,7 @@ _aten = torch.ops.aten
 # --------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _relative_position_index_cpu(ws: int) -> Tensor:
-    r = torch.arange(ws)
+    r = torch.arange(ws, device="cpu")
     yy, xx = torch.meshgrid(r, r, indexing="ij")
     y, x = yy.flatten(), xx.flatten()
     return (y[:, None] - y[None, :] + ws - 1) * (2 * ws - 1) + (x[:, None] - x[None, :] + ws - 1)
@@ -151,8 +151,8 @@ def _fwd_reference(qkv, table, ws, shift, nh, scale):
 def _window_order(H: int, W: int, ws: int, shift: int, device: str):
     """(perm, inverse): pixel index h·W + w of every (window, position) in window order after
     the cyclic shift, and its inverse — roll + partition (and back) as one gather each."""
-    hs = torch.arange(H).view(H // ws, ws)
-    wx = torch.arange(W).view(W // ws, ws)
+    hs = torch.arange(H, device="cpu").view(H // ws, ws)
+    wx = torch.arange(W, device="cpu").view(W // ws, ws)
     h = (hs + shift) % H
     w = (wx + shift) % W
     pix = h[:, None, :, None] * W + w[None, :, None, :]           # [H/ws, W/ws, ws, ws]

@@ -1,0 +1,494 @@
+"""VarFormer (CVPR 2025): all-in-one restoration guided by the multi-scale priors of a VAR.
+
+forward(lq [B, 3, 256, 256] in [-1, 1]) -> restored [B, 3, 256, 256] in [-1, 1]:
+
+1. VQVAE encoder on lq -> f [B, 32, 16, 16] and features E_vq (Level_0..4, middle).
+2. ``Adapter`` (``ft_layers``): f -> f_a; the multi-scale quantizer gives f_a's indices and the
+   teacher-forcing tokens tf [B, 679, 32].
+3. VAR branch: the 10 scales run autoregressively with KV caches; after each of the first
+   ``n_cross`` blocks a cross-attention (queries: tf tokens of the scale, keys/values: the VAR
+   hidden state) is injected. Greedy tokens give the per-scale priors S_v [B, 10, 32, 16, 16]
+   (φ(upsampled embedding) per scale) and the predicted clean latent f_hat.
+4. Restoration U-Net (ch 160, 5 levels): at levels 1..4 of the main encoder and decoder, a
+   ``WeightPredictor`` turns S_v into a prior map P (per-image softmax weights over the scales,
+   guided by the VQ features), ``DegradationAwareEnhancement`` fuses the feature with P per pixel,
+   and ``AdaptiveFeatureTransform`` (mediator attention, ``varformer.ops.MediatorAttention``)
+   transfers P into the feature; the decoder mixes in the encoder features with learned
+   sigmoid weights (mix-up skip) and blends the output with the input (learned α).
+
+Modes (``mode``):
+* ``"official"`` — the released checkpoint's computation: the CFG-doubled batch with the null
+  class and t = 0.5·si/9, the official cross-attention with its head/batch reshape (which mixes
+  heads and batch rows), no residual around it, concatenated weighted scale priors.
+* ``"paper"`` — per-sample cross-attention with a residual, one copy of the batch (no CFG).
+
+Module and parameter names equal the official ``VarFormer2`` (``checkpoints/
+varformer_released_d16_state_dict.tsv``): the VQVAE and VAR parts sit at the top level as there.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from varformer.ops.mediator_attention import MediatorAttention
+from varformer.ops.quantizer import VAR_PATCH_NUMS, MultiScaleQuantizer
+from varformer.ops.swin import ResidualSwinTransformerBlock
+
+from .adapter import Adapter
+from .var import AdaLNBeforeHead, AdaLNSelfAttn, VAR
+from .vqvae import AttnBlock, Downsample2x, Normalize, ResnetBlock, Upsample2x, VQVAE
+
+MODES = ("official", "paper")
+AdaptiveFeatureTransform = MediatorAttention     # the paper's name for the AFT block
+
+
+# --------------------------------------------------------------------------------------------
+# VAR-side cross-attention (paper Sec. 3.1)
+# --------------------------------------------------------------------------------------------
+class CrossAttentionAR(nn.Module):
+    """Queries from the adapter's teacher-forcing tokens f_d [B', l, C], keys/values from the VAR
+    hidden state f_var [B', l, C] of the same scale; 16 heads, scale 0.25/√hd, q and v biases.
+
+    ``official=True`` reproduces the released code's output layout: the [heads, B', l, hd]
+    result is read back as [B', l, C] without moving heads next to channels, which mixes heads,
+    tokens and batch rows; ``official=False`` is standard per-sample multi-head attention."""
+
+    def __init__(self, block_idx: int, dim: int, num_heads: int = 16):
+        super().__init__()
+        self.block_idx, self.num_heads, self.head_dim = block_idx, num_heads, dim // num_heads
+        self.scale = 0.25 / math.sqrt(self.head_dim)
+        self.mat_q = nn.Linear(dim, dim, bias=False)
+        self.mat_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, f_d: Tensor, f_var: Tensor, official: bool = True) -> Tensor:
+        B, L, C = f_d.shape
+        H, hd = self.num_heads, self.head_dim
+        q = F.linear(f_d, self.mat_q.weight, self.q_bias).view(B, L, H, hd).transpose(1, 2)
+        kv = F.linear(f_var, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias)))
+        k, v = kv.view(B, L, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)     # [B, H, L, hd]
+        if official:
+            o = o.transpose(0, 1).reshape(B, L, C)      # head-major buffer read batch-major
+        else:
+            o = o.transpose(1, 2).reshape(B, L, C)
+        return self.proj(o)
+
+
+# --------------------------------------------------------------------------------------------
+# DAE: weight predictor + projection (official WPMoudle4_norm) and per-pixel fusion
+# --------------------------------------------------------------------------------------------
+def _rstb_pair(dim: int, res: int, heads: int) -> nn.ModuleList:
+    return nn.ModuleList([ResidualSwinTransformerBlock(dim, (res, res), depth=2, num_heads=heads,
+                                                       window_size=4) for _ in range(2)])
+
+
+def _swin(blocks: nn.ModuleList, x: Tensor) -> Tensor:
+    B, C, H, W = x.shape
+    t = x.flatten(2).transpose(1, 2)
+    for blk in blocks:
+        t = blk(t, (H, W))
+    return t.transpose(1, 2).reshape(B, C, H, W)
+
+
+class WeightPredictor(nn.Module):
+    """Prior projector: guide g [B, dim_in, H, W] -> 2 RSTBs -> per-image softmax weights over
+    the scales w [B, SN]; the weighted priors w_k·S_v[:, k] are concatenated ([B, SN·32, 16, 16],
+    official) or summed ([B, 32, 16, 16], paper Eq. 3), instance-normalised, projected by a 1×1
+    conv to out_dim and brought to H×W (nearest ×up_r + 3×3 conv) -> P [B, out_dim, H, W]."""
+
+    def __init__(self, dim_in: int, out_dim: int, up_r: int, resolution: int, heads: int,
+                 n_scales: int = 10, prior_ch: int = 32, concat: bool = True):
+        super().__init__()
+        self.up_r, self.concat = up_r, concat
+        self.swin_blocks = _rstb_pair(dim_in, resolution, heads)
+        self.conv1x1 = nn.Conv2d(dim_in, n_scales, 1)
+        cin = n_scales * prior_ch if concat else prior_ch
+        self.norm = nn.InstanceNorm2d(cin)
+        self.conv_out = nn.Conv2d(cin, out_dim, 1)
+        if up_r > 1:
+            self.upsample = Upsample2xBy(out_dim, up_r)
+
+    def forward(self, g: Tensor, s_v: Tensor) -> Tensor:
+        w = self.conv1x1(_swin(self.swin_blocks, g)).mean((2, 3)).softmax(1)      # [B, SN]
+        s_w = w[:, :, None, None, None] * s_v
+        s_w = s_w.flatten(1, 2) if self.concat else s_w.sum(1)
+        p = self.conv_out(self.norm(s_w))
+        return self.upsample(p) if self.up_r > 1 else p
+
+
+class Upsample2xBy(nn.Module):
+    """Nearest ×r, then a 3×3 conv (official key ``upsample.conv``)."""
+
+    def __init__(self, channels: int, r: int):
+        super().__init__()
+        self.r = r
+        self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=self.r, mode="nearest"))
+
+
+class DegradationAwareEnhancement(nn.Module):
+    """Per-pixel two-way fusion (paper Eq. 4): cat(h, P) -> 2 RSTBs at width 2·dim -> 1×1 conv to
+    2 channels -> softmax -> w1·h + w2·P. Returns (fused [B, dim, H, W], logit of w1)."""
+
+    def __init__(self, dim: int, resolution: int, heads: int):
+        super().__init__()
+        self.swin_blocks = _rstb_pair(2 * dim, resolution, heads)
+        self.conv1x1 = nn.Conv2d(2 * dim, 2, 1)
+
+    def forward(self, h: Tensor, p: Tensor) -> Tuple[Tensor, Tensor]:
+        logits = self.conv1x1(_swin(self.swin_blocks, torch.cat((h, p), 1)))
+        w = logits.softmax(1)
+        return w[:, :1] * h + w[:, 1:] * p, logits[:, :1]
+
+
+def _levels(make, n: int = 5) -> nn.ModuleDict:
+    return nn.ModuleDict({f"Level_{i}": make(i) for i in range(n)})
+
+
+class _PriorGuidance(nn.Module):
+    """The per-level modules shared by the main encoder and decoder: ``cat_rec_syn_bf_nm``
+    (GN) and ``cat_rec_syn_bf`` (1×1) make the guide g from cat(VQ feature, h); ``cat_rec_syn``
+    (WeightPredictor), ``DAE`` and ``AFT``. Level 0 is built (official weights hold it) but
+    never run."""
+
+    def _build(self, ch_h, ch_vq, ch_g, heads, res, concat):
+        self.cat_rec_syn_bf_nm = _levels(lambda i: Normalize(ch_vq[i] + ch_h[i]))
+        self.cat_rec_syn_bf = _levels(lambda i: nn.Conv2d(ch_vq[i] + ch_h[i], ch_g[i], 1))
+        self.cat_rec_syn = _levels(lambda i: WeightPredictor(ch_g[i], ch_h[i], res[i] // 16,
+                                                             res[i], heads, concat=concat))
+        self.DAE = _levels(lambda i: DegradationAwareEnhancement(ch_h[i], res[i], heads))
+        self.AFT = _levels(lambda i: AdaptiveFeatureTransform(ch_h[i]))
+
+    def _guide(self, i: int, h: Tensor, feat_vq: Tensor, s_v: Tensor):
+        key = f"Level_{i}"
+        g = self.cat_rec_syn_bf[key](self.cat_rec_syn_bf_nm[key](torch.cat((feat_vq, h), 1)))
+        p = self.cat_rec_syn[key](g, s_v)
+        h, wlogit = self.DAE[key](h, p)
+        return self.AFT[key](h, p), wlogit
+
+
+class MainEncoder(_PriorGuidance):
+    """lq [B, 3, 256, 256], S_v, E_vq -> (z [B, 32, 16, 16], E_main {Level_0..4})."""
+
+    def __init__(self, ch: int = 160, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
+                 num_res_blocks: int = 2, z_channels: int = 32, resolution: int = 256,
+                 heads: int = 8, concat_priors: bool = True):
+        super().__init__()
+        n = len(ch_mult)
+        in_mult = (1,) + tuple(ch_mult)
+        res = [resolution // 2 ** i for i in range(n)]
+        ch_h = [ch * in_mult[i] for i in range(n)]          # h entering level i
+        ch_vq = [ch * ch_mult[i] for i in range(n)]         # VQ encoder Level_i
+        self.num_resolutions = n
+        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
+        self.down = nn.ModuleList()
+        for i in range(n):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            cin = ch_h[i]
+            for _ in range(num_res_blocks):
+                level.block.append(ResnetBlock(cin, ch_vq[i]))
+                cin = ch_vq[i]
+                if i == n - 1:
+                    level.attn.append(AttnBlock(cin))
+            if i != n - 1:
+                level.downsample = Downsample2x(cin)
+            self.down.append(level)
+        c = ch_vq[-1]
+        self.mid = nn.Module()
+        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = (ResnetBlock(c, c), AttnBlock(c),
+                                                               ResnetBlock(c, c))
+        self.norm_out = Normalize(c)
+        self.conv_out = nn.Conv2d(c, z_channels, 3, 1, 1)
+        self._build(ch_h, ch_vq, ch_vq, heads, res, concat_priors)
+
+    def forward(self, x: Tensor, s_v: Tensor, e_vq: Dict[str, Tensor]):
+        feats: Dict[str, Tensor] = {}
+        h = self.conv_in(x)
+        for i, level in enumerate(self.down):
+            if i >= 1:
+                h, wlogit = self._guide(i, h, e_vq[f"Level_{i}"], s_v)
+                if i == 1:
+                    feats["weighted_z"] = F.interpolate(wlogit, scale_factor=2, mode="nearest")
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            feats[f"Level_{i}"] = h
+            if i != self.num_resolutions - 1:
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h))), feats
+
+
+class MainDecoder(_PriorGuidance):
+    """(lq, S_v, z [B, 32, 16, 16], E_main, D_vq) -> restored [B, 3, 256, 256] (not clamped)."""
+
+    def __init__(self, ch: int = 160, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
+                 num_res_blocks: int = 2, z_channels: int = 32, resolution: int = 256,
+                 heads: int = 4, concat_priors: bool = True):
+        super().__init__()
+        n = len(ch_mult)
+        in_mult = (1,) + tuple(ch_mult)
+        res = [resolution // 2 ** i for i in range(n)]
+        ch_h = [ch * ch_mult[i] for i in range(n)]          # h entering level i
+        ch_out = [ch * in_mult[i] for i in range(n)]        # after the level's blocks
+        self.num_resolutions = n
+        self.theta = nn.Parameter(torch.ones(n))
+        self.input_w = nn.Parameter(torch.tensor(0.5))
+        c = ch_h[-1]
+        self.conv_in = nn.Conv2d(z_channels, c, 3, 1, 1)
+        self.mid = nn.Module()
+        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = (ResnetBlock(c, c), AttnBlock(c),
+                                                               ResnetBlock(c, c))
+        levels = []
+        for i in range(n):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            cin = ch_h[i]
+            for _ in range(num_res_blocks):
+                level.block.append(ResnetBlock(cin, ch_out[i]))
+                cin = ch_out[i]
+                if i == n - 1:
+                    level.attn.append(AttnBlock(cin))
+            if i != 0:
+                level.upsample = Upsample2x(cin)
+            levels.append(level)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = Normalize(ch_out[0])
+        self.conv_out = nn.Conv2d(ch_out[0], 3, 3, 1, 1)
+        self.conv1__w = nn.Conv2d(1, 1, 1)
+        self._build(ch_h, ch_h, ch_h, heads, res, concat_priors)
+
+    def forward(self, lq: Tensor, s_v: Tensor, z: Tensor, e_main: Dict[str, Tensor],
+                d_vq: Dict[str, Tensor]) -> Tensor:
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        w = torch.sigmoid(self.theta)
+        for i in reversed(range(self.num_resolutions)):
+            h = w[i] * h + (1 - w[i]) * e_main[f"Level_{i}"]          # mix-up skip
+            if i >= 1:
+                h, _ = self._guide(i, h, d_vq[f"Level_{i}"], s_v)
+            level = self.up[i]
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if i != 0:
+                h = level.upsample(h)
+        y = self.conv_out(F.silu(self.norm_out(h)))
+        # official: lq weighted by a softmax over one channel (identically 1), i.e. lq itself
+        return (1 - self.input_w) * y + self.input_w * lq
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------
+class VarFormer(nn.Module):
+    """VarFormer with official names. Defaults: the released model (VAR d16, 8 cross-attention
+    blocks, ch 160). ``VarFormer.small()`` is a CPU-sized preset of the same topology."""
+
+    def __init__(self, mode: str = "official", var_depth: int = 16, n_cross: Optional[int] = None,
+                 ch: int = 160, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
+                 vocab_size: int = 4096, z_channels: int = 32, n_adapter_layers: int = 4,
+                 cfg: float = 0.5, enc_heads: int = 8, dec_heads: int = 4,
+                 cross_heads: int = 16, vae_ch: int = 160, concat_priors: Optional[bool] = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"VarFormer: mode must be one of {MODES}, got {mode!r}")
+        self.mode, self.cfg = mode, cfg
+        self.patch_nums = VAR_PATCH_NUMS
+        concat = (mode == "official") if concat_priors is None else concat_priors
+        vae = VQVAE(vocab_size=vocab_size, z_channels=z_channels, ch=vae_ch, ch_mult=ch_mult)
+        var = VAR(depth=var_depth, Cvae=z_channels, vocab_size=vocab_size)
+        for name, mod in vae.named_children():              # VQVAE parts at the top level
+            setattr(self, name, mod)
+        for name in ("word_embed", "class_emb", "lvl_embed", "blocks", "head_nm", "head"):
+            setattr(self, name, getattr(var, name))
+        self.pos_start, self.pos_1LC = var.pos_start, var.pos_1LC
+        self.register_buffer("lvl_1L", var.lvl_1L)
+        self.register_buffer("attn_bias_for_masking", var.attn_bias_for_masking)
+        self._var_cfg = dict(C=var.C, L=var.L, first_l=var.first_l, begin_ends=var.begin_ends,
+                             num_classes=var.num_classes, Cvae=z_channels)
+        self.ft_layers = Adapter(z_channels, n_adapter_layers)
+        n_cross = var_depth // 2 if n_cross is None else n_cross
+        self.cross_attn_blocks = nn.ModuleList([CrossAttentionAR(i, var.C, cross_heads)
+                                                for i in range(n_cross)])
+        self.Mainencoder = MainEncoder(ch, ch_mult, 2, z_channels, 256, enc_heads, concat)
+        self.main_decoder = MainDecoder(ch, ch_mult, 2, z_channels, 256, dec_heads, concat)
+
+    @classmethod
+    def small(cls, mode: str = "official", **kw) -> "VarFormer":
+        """CPU preset: ch 32, VAR depth 2 (C 128), 1 cross-attention block, 2/2/2 heads."""
+        cfg = dict(var_depth=2, n_cross=1, ch=32, vae_ch=32, enc_heads=2, dec_heads=2,
+                   cross_heads=2)
+        cfg.update(kw)
+        return cls(mode=mode, **cfg)
+
+    # ---- checks ---------------------------------------------------------------------------------
+    @staticmethod
+    def _check_lq(lq: Tensor) -> None:
+        if not isinstance(lq, Tensor) or lq.dim() != 4 or lq.shape[1] != 3:
+            raise ValueError(f"VarFormer: lq must be [B, 3, 256, 256], got "
+                             f"{getattr(lq, 'shape', type(lq).__name__)}")
+        if tuple(lq.shape[2:]) != (256, 256):
+            raise ValueError(f"VarFormer: forward takes 256×256 inputs, got {tuple(lq.shape[2:])};"
+                             " use varformer.restore(model, image) for other sizes")
+        if not lq.is_floating_point():
+            raise TypeError(f"VarFormer: lq must be a float tensor in [-1, 1], got {lq.dtype}")
+
+    # ---- the VAR branch -----------------------------------------------------------------------
+    def var_branch(self, f_a: Tensor):
+        """Adapter latent f_a [B, 32, 16, 16] -> (S_v [B, 10, 32, 16, 16], f_hat_pred
+        [B, 32, 16, 16], logits [B, 680, V] after CFG, lq_feat (straight-through f_a))."""
+        q: MultiScaleQuantizer = self.quantize
+        B = f_a.shape[0]
+        cfgv = self._var_cfg
+        idx_lq = q.f_to_idxBl_or_fhat(f_a, to_fhat=False)
+        tf = q.idxBl_to_var_input(idx_lq)                                   # [B, 679, 32]
+        fhat_lq = q.embed_to_fhat([q.embedding(i).transpose(1, 2).reshape(B, -1, pn, pn)
+                                   for i, pn in zip(idx_lq, self.patch_nums)], last_one=True)
+        lq_feat = f_a + (fhat_lq - f_a).detach()
+        official = self.mode == "official"
+        copies = 2 if official else 1
+        label = torch.full((copies * B,), cfgv["num_classes"], device=f_a.device)
+        cond = self.class_emb(label)
+        lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC
+        x = (cond[:, None].expand(-1, cfgv["first_l"], -1) + self.pos_start.expand(copies * B,
+                                                                                   -1, -1)
+             + lvl_pos[:, :cfgv["first_l"]])
+        tf_tok = x
+        f_hat = f_a.new_zeros(B, cfgv["Cvae"], self.patch_nums[-1], self.patch_nums[-1])
+        priors, logits_all = [], []
+        n_ca = len(self.cross_attn_blocks)
+        for b in self.blocks:
+            b.attn.kv_caching(True)
+        try:
+            cur = 0
+            for si, pn in enumerate(self.patch_nums):
+                cur += pn * pn
+                for j, blk in enumerate(self.blocks):
+                    x = blk(x, cond, None)
+                    if j < n_ca:
+                        ca = self.cross_attn_blocks[j](tf_tok, x, official=official)
+                        x = ca if official else x + ca
+                logits = self.head(self.head_nm(x.float(), cond.float()).float()).float()
+                if official:
+                    t = self.cfg * si / (len(self.patch_nums) - 1)
+                    logits = (1 + t) * logits[:B] - t * logits[B:]
+                logits_all.append(logits)
+                idx = logits.argmax(-1)
+                h = q.embedding(idx).transpose(1, 2).reshape(B, cfgv["Cvae"], pn, pn)
+                f_hat, nxt, h_up = q.get_next_autoregressive_input_h(si, len(self.patch_nums),
+                                                                     f_hat, h)
+                priors.append(h_up)
+                if si != len(self.patch_nums) - 1:
+                    n_next = self.patch_nums[si + 1] ** 2
+                    pos = lvl_pos[:, cur:cur + n_next]
+                    tf_tok = (self.word_embed(tf[:, cur - 1:cur - 1 + n_next]) + pos
+                              ).repeat(copies, 1, 1)
+                    x = (self.word_embed(nxt.view(B, cfgv["Cvae"], -1).transpose(1, 2)) + pos
+                         ).repeat(copies, 1, 1)
+        finally:
+            for b in self.blocks:
+                b.attn.kv_caching(False)
+        s_v = torch.stack(priors, 1).detach()
+        return s_v, f_hat.detach(), torch.cat(logits_all, 1), lq_feat
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def forward(self, lq: Tensor, return_all: bool = False):
+        """lq [B, 3, 256, 256] in [-1, 1] -> restored [B, 3, 256, 256] in [-1, 1]; with
+        ``return_all`` -> (restored, lq_feat [B, 32, 16, 16], logits [B, 680, V]) for the
+        losses."""
+        self._check_lq(lq)
+        h, e_vq = self.encoder(lq, return_features=True)
+        f = self.quant_conv(h)
+        f_a = self.ft_layers(f)
+        s_v, f_hat, logits, lq_feat = self.var_branch(f_a)
+        z, e_main = self.Mainencoder(lq, s_v, e_vq)
+        z = self.quant_conv(z)
+        _, d_vq = self.decoder(self.post_quant_conv(f_hat), return_features=True)
+        out = self.main_decoder(lq, s_v, z, e_main, d_vq).clamp(-1, 1)
+        return (out, lq_feat, logits) if return_all else out
+
+    # ---- weights ----------------------------------------------------------------------------------
+    def to_official_state_dict(self) -> Dict[str, Tensor]:
+        """The state dict under the official key names (identical to ``state_dict()``: the module
+        tree uses the official names)."""
+        return self.state_dict()
+
+    @classmethod
+    def from_pretrained(cls, path: Optional[str] = None, *, vae: Optional[str] = None,
+                        var: Optional[str] = None, mode: str = "official",
+                        map_location="cpu", **kw) -> "VarFormer":
+        """Released VarFormer weights (BasicSR ``{'params_ema': sd}``, ``{'params': sd}`` or a
+        bare state dict; every key must match), or ``vae=``/``var=`` official VQVAE and VAR files
+        to start training from."""
+        if path is None and vae is None and var is None:
+            raise ValueError("VarFormer.from_pretrained: give the released weights file, or "
+                             "vae= and/or var= files")
+        sds = {name: _read_state_dict(p, map_location)
+               for name, p in (("path", path), ("vae", vae), ("var", var)) if p is not None}
+        model = cls(mode=mode, **kw)
+        if path is not None:
+            model.load_official(sds["path"], strict=True)
+        if vae is not None:
+            _load_part(model, sds["vae"], ("encoder", "decoder", "quantize", "quant_conv",
+                                           "post_quant_conv"), vae)
+        if var is not None:
+            _load_part(model, sds["var"], ("word_embed", "class_emb", "lvl_embed", "blocks",
+                                           "head_nm", "head", "pos_start", "pos_1LC", "lvl_1L",
+                                           "attn_bias_for_masking"), var)
+        return model
+
+    def load_official(self, sd: Dict[str, Tensor], strict: bool = True) -> None:
+        """Load an official-format state dict; a missing or unexpected key is an error that
+        lists the keys."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+        if strict and (missing or unexpected or wrong):
+            def show(keys):
+                return ", ".join(keys[:8]) + (f" … (+{len(keys) - 8})" if len(keys) > 8 else "")
+            raise KeyError(f"VarFormer: checkpoint does not match the model: "
+                           f"{len(missing)} missing [{show(missing)}], {len(unexpected)} "
+                           f"unexpected [{show(unexpected)}], {len(wrong)} with other shapes "
+                           f"[{show(wrong)}]")
+        self.load_state_dict(sd, strict=strict)
+
+
+def _read_state_dict(path: str, map_location) -> Dict[str, Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VarFormer: weights file not found: {path}")
+    obj = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(obj, dict):
+        for key in ("params_ema", "params", "state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                return obj[key]
+        if all(isinstance(v, Tensor) for v in obj.values()):
+            return obj
+    raise ValueError(f"VarFormer: {path} holds no state dict (expected {{'params_ema': ...}}, "
+                     "{'params': ...} or a dict of tensors)")
+
+
+def _load_part(model: nn.Module, sd: Dict[str, Tensor], prefixes, path: str) -> None:
+    own = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in prefixes}
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise KeyError(f"VarFormer: {path} lacks {len(missing)} keys, e.g. {missing[:5]}")
+    model.load_state_dict({k: sd[k] for k in own}, strict=False)
+
+
+__all__ = ["VarFormer", "CrossAttentionAR", "WeightPredictor", "DegradationAwareEnhancement",
+           "AdaptiveFeatureTransform", "MainEncoder", "MainDecoder", "MODES"]
