@@ -245,7 +245,9 @@ class VAR(nn.Module):
 
     # ---- teacher forcing -----------------------------------------------------------------------------
     def get_logits(self, h: Tensor, cond_BD: Tensor) -> Tensor:
-        return self.head(self.head_nm(h.float(), cond_BD.float()).float()).float()
+        """Logits in fp32, also under autocast."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self.head(self.head_nm(h.float(), cond_BD.float())).float()
 
     def embed_inputs(self, label_B: Tensor, x_BLCv_wo_first_l: Tensor):
         """-> (token embeddings [B, L, C] in fp32, condition [B, C])."""

@@ -20,7 +20,14 @@ Modes (``mode``):
 * ``"official"`` — the released checkpoint's computation: the CFG-doubled batch with the null
   class and t = 0.5·si/9, the official cross-attention with its head/batch reshape (which mixes
   heads and batch rows), no residual around it, concatenated weighted scale priors.
-* ``"paper"`` — per-sample cross-attention with a residual, one copy of the batch (no CFG).
+* ``"paper"`` — per-sample cross-attention with a residual, one copy of the batch (no CFG),
+  the VAR branch without gradient (the adapter still trains through its straight-through
+  latent), and the weighted scale priors summed as the paper's Eq. 3 (``concat_priors=True``
+  keeps the official concatenation).
+
+``use_fused_kernels`` (None: the dispatch rule, fused on CUDA; False: every op on its PyTorch
+reference) and ``checkpoint_levels`` (activation checkpointing of the prior modules) change no
+parameter or state-dict key.
 
 Module and parameter names equal the official ``VarFormer2`` (``checkpoints/
 varformer_released_d16_state_dict.tsv``): the VQVAE and VAR parts sit at the top level as there.
@@ -34,7 +41,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from varformer.ops import _dispatch
 from varformer.ops.mediator_attention import MediatorAttention
 from varformer.ops.quantizer import VAR_PATCH_NUMS, MultiScaleQuantizer
 from varformer.ops.swin import ResidualSwinTransformerBlock
@@ -170,7 +179,14 @@ class _PriorGuidance(nn.Module):
         self.DAE = _levels(lambda i: DegradationAwareEnhancement(ch_h[i], res[i], heads))
         self.AFT = _levels(lambda i: AdaptiveFeatureTransform(ch_h[i]))
 
+    checkpoint_levels: Tuple[int, ...] = ()
+
     def _guide(self, i: int, h: Tensor, feat_vq: Tensor, s_v: Tensor):
+        if i in self.checkpoint_levels and torch.is_grad_enabled() and self.training:
+            return checkpoint(self._guide_level, i, h, feat_vq, s_v, use_reentrant=False)
+        return self._guide_level(i, h, feat_vq, s_v)
+
+    def _guide_level(self, i: int, h: Tensor, feat_vq: Tensor, s_v: Tensor):
         key = f"Level_{i}"
         g = self.cat_rec_syn_bf[key](self.cat_rec_syn_bf_nm[key](torch.cat((feat_vq, h), 1)))
         p = self.cat_rec_syn[key](g, s_v)
@@ -302,8 +318,12 @@ class VarFormer(nn.Module):
                  ch: int = 160, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
                  vocab_size: int = 4096, z_channels: int = 32, n_adapter_layers: int = 4,
                  cfg: float = 0.5, enc_heads: int = 8, dec_heads: int = 4,
-                 cross_heads: int = 16, vae_ch: int = 160, concat_priors: Optional[bool] = None):
+                 cross_heads: int = 16, vae_ch: int = 160, concat_priors: Optional[bool] = None,
+                 use_fused_kernels: Optional[bool] = None, checkpoint_levels: Sequence[int] = (),
+                 var_grad: Optional[bool] = None):
         super().__init__()
+        self.use_fused_kernels = use_fused_kernels
+        self.var_grad = (mode == "official") if var_grad is None else var_grad
         if mode not in MODES:
             raise ValueError(f"VarFormer: mode must be one of {MODES}, got {mode!r}")
         self.mode, self.cfg = mode, cfg
@@ -326,6 +346,13 @@ class VarFormer(nn.Module):
                                                 for i in range(n_cross)])
         self.Mainencoder = MainEncoder(ch, ch_mult, 2, z_channels, 256, enc_heads, concat)
         self.main_decoder = MainDecoder(ch, ch_mult, 2, z_channels, 256, dec_heads, concat)
+        self.set_checkpointing(checkpoint_levels)
+
+    def set_checkpointing(self, levels: Sequence[int] = (1, 2)) -> None:
+        """Recompute the WeightPredictor, DAE and AFT of these levels in the backward instead of
+        storing their activations (levels 1 and 2 are the 128² and 64² ones)."""
+        for part in (self.Mainencoder, self.main_decoder):
+            part.checkpoint_levels = tuple(levels)
 
     @classmethod
     def small(cls, mode: str = "official", **kw) -> "VarFormer":
@@ -382,7 +409,8 @@ class VarFormer(nn.Module):
                     if j < n_ca:
                         ca = self.cross_attn_blocks[j](tf_tok, x, official=official)
                         x = ca if official else x + ca
-                logits = self.head(self.head_nm(x.float(), cond.float()).float()).float()
+                with torch.autocast(x.device.type, enabled=False):
+                    logits = self.head(self.head_nm(x.float(), cond.float())).float()
                 if official:
                     t = self.cfg * si / (len(self.patch_nums) - 1)
                     logits = (1 + t) * logits[:B] - t * logits[B:]
@@ -411,10 +439,19 @@ class VarFormer(nn.Module):
         ``return_all`` -> (restored, lq_feat [B, 32, 16, 16], logits [B, 680, V]) for the
         losses."""
         self._check_lq(lq)
+        if self.use_fused_kernels is None:
+            return self._forward(lq, return_all)
+        with _dispatch.use_fused_kernels(self.use_fused_kernels):
+            return self._forward(lq, return_all)
+
+    def _forward(self, lq: Tensor, return_all: bool):
         h, e_vq = self.encoder(lq, return_features=True)
         f = self.quant_conv(h)
         f_a = self.ft_layers(f)
-        s_v, f_hat, logits, lq_feat = self.var_branch(f_a)
+        with torch.set_grad_enabled(self.var_grad and torch.is_grad_enabled()):
+            s_v, f_hat, logits, lq_feat = self.var_branch(f_a)
+        if not self.var_grad:     # paper mode: only the adapter's straight-through latent trains
+            lq_feat = f_a + (lq_feat - f_a).detach()
         z, e_main = self.Mainencoder(lq, s_v, e_vq)
         z = self.quant_conv(z)
         _, d_vq = self.decoder(self.post_quant_conv(f_hat), return_features=True)

@@ -1,6 +1,8 @@
 """The one rule that picks an implementation for every op call.
 
-``VARFORMER_BACKEND`` (read at each call) is ``auto`` (default), ``triton`` or ``reference``:
+``VARFORMER_BACKEND`` (read at each call) is ``auto`` (default), ``triton`` or ``reference``
+(``use_fused_kernels(False)`` forces ``reference`` within a block, ``use_fused_kernels(True)``
+forces ``auto``):
 
 * ``auto``: CUDA tensors run the Triton kernels (the reference path where Triton cannot take the
   call, e.g. float64); CPU tensors run the op's best CPU path (memory-efficient PyTorch or C++).
@@ -12,6 +14,7 @@ A request that the chosen backend cannot serve raises an error that says why.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -22,7 +25,26 @@ BACKENDS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_OVERRIDE = {"value": None}     # set by use_fused_kernels (a plain global: traceable)
+
+
+@contextlib.contextmanager
+def use_fused_kernels(enabled: bool = True):
+    """Within the block, ``enabled=False`` runs every op on its plain PyTorch reference (as
+    ``VARFORMER_BACKEND=reference``) and ``enabled=True`` restores the default rule ("auto"),
+    whatever the environment says. Nests; process-wide (not per thread)."""
+    prev = _OVERRIDE["value"]
+    _OVERRIDE["value"] = "auto" if enabled else "reference"
+    try:
+        yield
+    finally:
+        _OVERRIDE["value"] = prev
+
+
 def requested() -> str:
+    forced = _OVERRIDE["value"]
+    if forced is not None:
+        return forced
     value = os.environ.get("VARFORMER_BACKEND", "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"VARFORMER_BACKEND={value!r}: expected one of {', '.join(BACKENDS)}")

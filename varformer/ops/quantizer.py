@@ -199,6 +199,10 @@ class MultiScaleQuantizer(nn.Module):
     def _loop(self, f: Tensor, patch_hws, sq: Optional[Tensor] = None):
         """The residual loop on detached f -> (idx list [B, ph·pw], f_hat after each scale,
         φ(up(E[idx])) of each scale)."""
+        with torch.autocast(f.device.type, enabled=False):     # latent math in fp32, as VAR
+            return self._loop_fp32(f, patch_hws, sq)
+
+    def _loop_fp32(self, f: Tensor, patch_hws, sq: Optional[Tensor] = None):
         B, C, H, W = f.shape
         f_rest = f.detach().float().clone()
         f_hat = torch.zeros_like(f_rest)
@@ -247,7 +251,12 @@ class MultiScaleQuantizer(nn.Module):
         return fhats if to_fhat else idx_list
 
     def idxBl_to_var_input(self, gt_ms_idx_Bl: List[Tensor]) -> Optional[Tensor]:
-        """Per-scale indices -> VAR's teacher-forcing input [B, L − first scale, C] (fp32)."""
+        """Per-scale indices -> VAR's teacher-forcing input [B, L − first scale, C] (fp32, also
+        under autocast)."""
+        with torch.autocast(gt_ms_idx_Bl[0].device.type, enabled=False):
+            return self._teacher_forcing(gt_ms_idx_Bl)
+
+    def _teacher_forcing(self, gt_ms_idx_Bl: List[Tensor]) -> Optional[Tensor]:
         B, C = gt_ms_idx_Bl[0].shape[0], self.Cvae
         H = W = self.v_patch_nums[-1]
         SN = len(self.v_patch_nums)
