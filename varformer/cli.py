@@ -8,7 +8,8 @@ import sys
 
 OPS = {"mediator_attention": "varformer.benchmarks.bench_mediator_attention",
        "window_attention": "varformer.benchmarks.bench_window_attention",
-       "vq": "varformer.benchmarks.bench_vq"}
+       "vq": "varformer.benchmarks.bench_vq",
+       "model": "varformer.benchmarks.bench_model"}
 
 
 def _bench(args) -> int:
