@@ -18,7 +18,8 @@ forward(lq [B, 3, 256, 256] in [-1, 1]) -> restored [B, 3, 256, 256] in [-1, 1]:
 
 Modes (``mode``):
 * ``"official"`` — the released checkpoint's computation: the CFG-doubled batch with the null
-  class and t = 0.5·si/9, the official cross-attention with its head/batch reshape (which mixes
+  class and t = cfg·si/9 (``cfg`` = 0.5 as our spec of the newest official commit says; older
+  official versions default to 1.5), the official cross-attention with its head/batch reshape (which mixes
   heads and batch rows), no residual around it, concatenated weighted scale priors.
 * ``"paper"`` — per-sample cross-attention with a residual, one copy of the batch (no CFG),
   the VAR branch without gradient (the adapter still trains through its straight-through
