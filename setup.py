@@ -12,7 +12,7 @@ setup(
     package_dir={"varformer.kernels": "kernels", "varformer.benchmarks": "benchmarks",
                  "varformer.csrc": "csrc"},
     package_data={"varformer.csrc": ["*.cpp", "*.cu", "*.h", "*.md"]},
-    install_requires=["torch>=2.11", "einops", "numpy"],
+    install_requires=["torch>=2.11", "einops", "numpy", "pyyaml", "safetensors"],
     extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "pytest-benchmark"],
                     "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["varformer=varformer.cli:main"]},
