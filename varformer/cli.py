@@ -172,9 +172,33 @@ def _restore(args) -> int:
     return 1 if failed else 0
 
 
+def _delegate(argv):
+    """train / eval / data check parse their own options (``varformer train --help`` etc.)."""
+    if argv[:1] == ["train"]:
+        from varformer.train import train_main
+        return train_main(argv[1:])
+    if argv[:1] == ["eval"]:
+        from varformer.eval import eval_main
+        return eval_main(argv[1:])
+    if argv[:2] == ["data", "check"]:
+        from varformer.data.check import data_main
+        return data_main(argv[2:])
+    return None
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    delegated = _delegate(argv)
+    if delegated is not None:
+        return delegated
     ap = argparse.ArgumentParser(prog="varformer", description="varformer command line")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("train", help="train VarFormer (stage 1 or 2) from a YAML config; "
+                                 "varformer train --help")
+    sub.add_parser("eval", help="evaluate weights on test sets (PSNR/SSIM/LPIPS tables); "
+                                "varformer eval --help")
+    d = sub.add_parser("data", help="dataset tools: varformer data check CONFIG")
+    d.add_argument("action", choices=["check"])
     b = sub.add_parser("bench", help="benchmark the fused ops against eager PyTorch")
     b.add_argument("--op", help=f"one of: {', '.join(OPS)} (default: all)")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
