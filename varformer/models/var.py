@@ -83,8 +83,15 @@ class SelfAttention(nn.Module):
             temp = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
             q = F.normalize(q, dim=-1).mul(temp)
             k = F.normalize(k, dim=-1)
-        if self.caching:
-            if self._k is None or self._k.shape[0] != B or self._k.dtype != k.dtype:
+        if self.caching and (k.requires_grad or v.requires_grad):
+            # training through the AR loop: grow the cache by concatenation (no in-place writes
+            # into tensors that autograd saved)
+            if self._n:
+                k, v = torch.cat((self._k, k), 2), torch.cat((self._v, v), 2)
+            self._k, self._v, self._n = k, v, k.shape[2]
+        elif self.caching:
+            if (self._k is None or self._k.shape[0] != B or self._k.dtype != k.dtype
+                    or self._k.shape[2] != self.max_len):
                 shape = (B, self.num_heads, self.max_len, self.head_dim)
                 self._k, self._v = k.new_empty(shape), v.new_empty(shape)
             if self._n + L > self.max_len:
