@@ -408,7 +408,8 @@ def test_eval_main(dataset, tmp_path, monkeypatch, capsys):
 
     built = []
     monkeypatch.setattr(runner, "_load_model",
-                        lambda w, mode, device: built.append((w, mode, device)) or Identity1x1())
+                        lambda w, mode, device, preset="full":
+                        built.append((w, mode, device)) or Identity1x1())
     out = tmp_path / "results"
     rc = runner.eval_main([str(cfg), "--weights", str(weights), "--out", str(out),
                            "--device", "cpu", "--mode", "paper",

@@ -154,7 +154,7 @@ def _restore(args) -> int:
     except Exception as e:  # the model is optional in this version
         return fail(f"the VarFormer model is not available in this version ({e})")
 
-    model = VarFormer.from_pretrained(args.weights, mode=args.mode)
+    model = VarFormer.from_pretrained(args.weights, mode=args.mode, preset=args.preset)
     model = model.to(device).eval()
     failed = 0
     for src, dst in zip(files, targets):
@@ -222,6 +222,8 @@ def main(argv=None) -> int:
                    help="checkpoint net_g_last.pth from the Hugging Face repo wsy541/VarFormer")
     r.add_argument("--mode", choices=["official", "paper"], default="official",
                    help="model variant passed to VarFormer.from_pretrained (default official)")
+    r.add_argument("--preset", choices=["full", "small"], default="full",
+                   help="model size of the weights: full (released) or small (VarFormer.small)")
     r.add_argument("--tile", type=int, default=256, help="tile size (default 256)")
     r.add_argument("--tile-overlap", type=int, default=32,
                    help="overlap of neighbouring tiles in pixels (default 32)")

@@ -430,11 +430,11 @@ def run_config(cfg: EvalConfig, *, model, out_dir, protocols=PROTOCOLS, device="
     return rows
 
 
-def _load_model(weights: str, mode: str, device: str):
-    """The released VarFormer on ``device`` in eval mode."""
+def _load_model(weights: str, mode: str, device: str, preset: str = "full"):
+    """VarFormer weights (released size, or the small preset) on ``device`` in eval mode."""
     from varformer.models import VarFormer
 
-    return VarFormer.from_pretrained(weights, mode=mode).to(device).eval()
+    return VarFormer.from_pretrained(weights, mode=mode, preset=preset).to(device).eval()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -453,6 +453,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--mode", choices=["official", "paper"], default="official",
                     help="model variant for VarFormer.from_pretrained (default official)")
     ap.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default 8)")
+    ap.add_argument("--preset", choices=["full", "small"], default="full",
+                    help="model size of the weights: full (released) or small (VarFormer.small)")
     ap.add_argument("--lpips-backbone", metavar="FILE",
                     help="torchvision AlexNet weights alexnet-owt-7be5be79.pth "
                          "(with --lpips-linear)")
@@ -499,7 +501,8 @@ def eval_main(argv=None, *, _model=None) -> int:
         from varformer.eval.lpips import LPIPS
         lpips = LPIPS.from_files(args.lpips_backbone, args.lpips_linear)
     protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
-    model = _model if _model is not None else _load_model(args.weights, args.mode, device)
+    model = (_model if _model is not None
+             else _load_model(args.weights, args.mode, device, args.preset))
     source = os.path.basename(args.weights) if _model is None else type(_model).__name__
     rows = run_config(cfg, model=model, out_dir=args.out, protocols=protocols, device=device,
                       lpips=lpips, batch_size=args.batch_size,

@@ -468,16 +468,20 @@ class VarFormer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: Optional[str] = None, *, vae: Optional[str] = None,
                         var: Optional[str] = None, mode: str = "official",
-                        map_location="cpu", **kw) -> "VarFormer":
+                        map_location="cpu", preset: str = "full", **kw) -> "VarFormer":
         """Released VarFormer weights (BasicSR ``{'params_ema': sd}``, ``{'params': sd}`` or a
-        bare state dict; every key must match), or ``vae=``/``var=`` official VQVAE and VAR files
-        to start training from."""
+        bare state dict, or a ``.safetensors`` file as our trainer writes; every key must
+        match), or ``vae=``/``var=`` official VQVAE and VAR files to start training from.
+        ``preset="small"`` builds the ``VarFormer.small()`` topology."""
+        if preset not in ("full", "small"):
+            raise ValueError(f"VarFormer.from_pretrained: preset must be 'full' or 'small', "
+                             f"got {preset!r}")
         if path is None and vae is None and var is None:
             raise ValueError("VarFormer.from_pretrained: give the released weights file, or "
                              "vae= and/or var= files")
         sds = {name: _read_state_dict(p, map_location)
                for name, p in (("path", path), ("vae", vae), ("var", var)) if p is not None}
-        model = cls(mode=mode, **kw)
+        model = cls.small(mode, **kw) if preset == "small" else cls(mode=mode, **kw)
         if path is not None:
             model.load_official(sds["path"], strict=True)
         if vae is not None:
@@ -509,6 +513,9 @@ class VarFormer(nn.Module):
 def _read_state_dict(path: str, map_location) -> Dict[str, Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VarFormer: weights file not found: {path}")
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path, device=str(map_location))
     obj = torch.load(path, map_location=map_location, weights_only=True)
     if isinstance(obj, dict):
         for key in ("params_ema", "params", "state_dict", "model"):
