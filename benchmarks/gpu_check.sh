@@ -38,7 +38,17 @@ timeout "${BENCH_TIMEOUT:-240}" varformer bench --quick --device cuda --out "$OU
 bench_rc=$?
 tail -n 5 "$OUT/bench.err"
 
+stamp "short fused training run (released-size model, paper stage 2, synthetic data, bf16)"
+timeout "${TRAIN_TIMEOUT:-240}" varformer train configs/gpu_smoke.yml --out "$OUT/train" \
+  >"$OUT/train.log" 2>&1
+train_rc=$?
+tail -n 5 "$OUT/train.log"
+
+stamp "data loader throughput (4 workers) next to the step time"
+timeout "${DATA_TIMEOUT:-90}" python3 -m varformer.benchmarks.bench_data --workers 0,4 \
+  2>&1 | tee "$OUT/data_loader.md"
+
 stamp "summary"
-echo "tests rc=$test_rc  bench rc=$bench_rc"
+echo "tests rc=$test_rc  bench rc=$bench_rc  train rc=$train_rc"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
-grep -E "^\| (mediator|window|vq)" "$OUT/bench.log" | awk -F'|' '{printf "%-24s %-8s %-18s %-9s %10s %8s %8s %9s %6s\n", $3, $4, $5, $6, $7, $8, $9, $10, $13}' | sed 's/([^)]*)//'
+grep -E "^\| (mediator|window|vq|model)" "$OUT/bench.log" | awk -F'|' '{printf "%-24s %-8s %-18s %-9s %10s %8s %8s %9s %6s\n", $3, $4, $5, $6, $7, $8, $9, $10, $13}' | sed 's/([^)]*)//'
