@@ -180,65 +180,84 @@ def _from_windows(y: Tensor, inv: Tensor, H: int, W: int) -> Tensor:
     return y.reshape(B * H * W, -1).index_select(0, _rows(B, inv)).view(B, H, W, -1)
 
 
-def _fwd_cpu(qkv, table, ws, shift, nh, scale, head_groups: int = 2):
-    """Batched matmuls on windows gathered one head group at a time (half of the heads:
-    the gathered copy and the scores stay a fraction of qkv), bias and mask broadcast, the
-    softmax in place with one exp pass; outputs land in one window-order buffer, gathered back
-    once."""
+def _exp_(x: Tensor) -> Tensor:
+    """In-place exp of x ≤ 0 with x clamped at −80 (−700 in fp64): the −100 shift mask would
+    otherwise send exp into denormal results, ~25× slower on x86 CPUs. exp(−80) ≈ 2e−35 is far
+    below the resolution of any softmax row sum, so the output does not change."""
+    return x.clamp_(min=-700.0 if x.dtype == torch.float64 else -80.0).exp_()
+
+
+def _fwd_cpu(qkv, table, ws, shift, nh, scale, chunk_bytes: int = 8 << 20):
+    """Windows processed in chunks of about ``chunk_bytes`` of gathered qkv (whole pixel rows,
+    one gather per chunk), bias and mask broadcast, the softmax in place with one exp; each
+    chunk's output rows are written straight to their pixels (no window-order copy of out)."""
     B, H, W, C3 = qkv.shape
-    hd, N = C3 // 3 // nh, ws * ws
-    n_win = H * W // N
-    perm, inv = _window_order(H, W, ws, shift, str(qkv.device))
+    C, N = C3 // 3, ws * ws
+    hd, n_win = C // nh, H * W // N
+    perm, _ = _window_order(H, W, ws, shift, str(qkv.device))
+    rows = _rows(B, perm)                                  # pixel rows in (b, window, pos) order
+    flat = qkv.reshape(B * H * W, C3)
+    add = _additive(table.to(qkv.dtype), H, W, ws, shift)  # [nW or 1, heads, N, N]
+    out = qkv.new_empty((B * H * W, C))
+    lse = qkv.new_empty((B * H * W, nh))
+    cw = max(1, min(n_win, chunk_bytes // (N * C3 * qkv.element_size())))
+    for b in range(B):
+        for w0 in range(0, n_win, cw):
+            w1 = min(n_win, w0 + cw)
+            r = rows[(b * n_win + w0) * N:(b * n_win + w1) * N]
+            x = flat.index_select(0, r).view(w1 - w0, N, 3, nh, hd)
+            q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))     # [w, heads, N, hd]
+            s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+            s += add[w0:w1] if add.shape[0] > 1 else add
+            m = s.amax(-1, keepdim=True)
+            total = _exp_(s.sub_(m)).sum(-1, keepdim=True)
+            o = torch.matmul(s.div_(total), v)
+            out.index_copy_(0, r, o.transpose(1, 2).reshape(-1, C))
+            lse.index_copy_(0, r, (m + total.log()).squeeze(-1).transpose(1, 2).reshape(-1, nh))
+    lse = lse.view(B, H * W, nh).transpose(1, 2).contiguous()
+    return out.view(B, H, W, C), lse.to(_ct(qkv.dtype))
+
+
+def _bwd_cpu(dout, qkv, table, out, lse, ws, shift, nh, scale, chunk_bytes: int = 8 << 20):
+    """The reference backward window chunk by window chunk (as the forward: one row gather of
+    qkv and dout per chunk, one [.., N, N] buffer reused for p and dS); each chunk's dqkv rows
+    are written straight to their pixels and the bias-table gradient is summed over chunks."""
+    B, H, W, C3 = qkv.shape
+    C, N = C3 // 3, ws * ws
+    hd, n_win = C // nh, H * W // N
+    perm, _ = _window_order(H, W, ws, shift, str(qkv.device))
     rows = _rows(B, perm)
-    flat = qkv.reshape(B * H * W, 3, nh, hd)
-    add = _additive(table.to(qkv.dtype), H, W, ws, shift)       # [nW or 1, heads, N, N]
-    o_w = qkv.new_empty((B, n_win, N, nh, hd))
-    lse_w = qkv.new_empty((B, n_win, nh, N))
-    step = -(-nh // head_groups)
-    for h0 in range(0, nh, step):
-        h1 = min(nh, h0 + step)
-        x = flat[:, :, h0:h1].index_select(0, rows).view(B, n_win, N, 3, h1 - h0, hd)
-        q, k, v = (x[:, :, :, i].transpose(2, 3) for i in range(3))   # [B, nW, hg, N, hd]
-        s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-        s += add[:, h0:h1]
-        m = s.amax(-1, keepdim=True)                             # softmax in place, one exp
-        total = s.sub_(m).exp_().sum(-1, keepdim=True)
-        o_w[:, :, :, h0:h1] = torch.matmul(s.div_(total), v).transpose(2, 3)
-        lse_w[:, :, h0:h1] = (m + total.log()).squeeze(-1)       # [B, nW, hg, N]
-        del x, q, k, v, s
-    out = _from_windows(o_w, inv, H, W)
-    lse = lse_w.transpose(2, 3).reshape(B * H * W, nh).index_select(0, _rows(B, inv))
-    return out, lse.view(B, H * W, nh).transpose(1, 2).contiguous().to(_ct(qkv.dtype))
-
-
-def _bwd_cpu(dout, qkv, table, out, lse, ws, shift, nh, scale):
-    """The reference backward on windows gathered in one pass, one [.., N, N] buffer reused in
-    place (p, then dS), each gradient copied into one window-order buffer as soon as it exists
-    (peak: the gathered qkv, dout, dS, that buffer and one gradient), then one gather back."""
-    B, H, W, C3 = qkv.shape
-    N = ws * ws
-    perm, inv = _window_order(H, W, ws, shift, str(qkv.device))
-    x = _to_windows(qkv, perm, ws, 3 * nh)
-    q, k, v = (x[:, :, :, i * nh:(i + 1) * nh].transpose(2, 3) for i in range(3))
-    do = _to_windows(dout, perm, ws, nh).transpose(2, 3)
-    # D = rowsum(dout * out) per token and head, taken in image layout (no copy of out)
-    delta = (dout.to(q.dtype) * out.to(q.dtype)).view(B, H * W, nh, -1).sum(-1)   # [B, HW, h]
-    delta = delta.reshape(B * H * W, nh).index_select(0, _rows(B, perm))
-    delta = delta.view(B, -1, N, nh).transpose(2, 3)[..., None]                # [B, nW, h, N, 1]
-    lse_w = lse.to(q.dtype).index_select(2, perm).view(B, nh, -1, N).transpose(1, 2)
-    p = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    p += _additive(table.to(p.dtype), H, W, ws, shift)
-    p.sub_(lse_w[..., None]).exp_()
-    d = x.new_empty(x.shape)                                     # [B, nW, N, 3·heads, hd]
-    d[:, :, :, 2 * nh:].copy_(torch.matmul(p.transpose(-1, -2), do).transpose(2, 3))
-    ds = torch.matmul(do, v.transpose(-1, -2)).sub_(delta).mul_(p)
-    del p, do
-    d[:, :, :, :nh].copy_(torch.matmul(ds, k).mul_(scale).transpose(2, 3))
-    d[:, :, :, nh:2 * nh].copy_(torch.matmul(ds.transpose(-1, -2), q).mul_(scale).transpose(2, 3))
-    del q, k, v, x
-    dtable = _table_grad_from_scores(ds, ws, table)
-    del ds
-    return _from_windows(d, inv, H, W), dtable
+    dt = qkv.dtype
+    flat = qkv.reshape(B * H * W, C3)
+    dflat = dout.to(dt).reshape(B * H * W, C)
+    delta = (dflat * out.to(dt).reshape(B * H * W, C)).view(-1, nh, hd).sum(-1)   # [BHW, h]
+    lse_r = lse.to(dt).transpose(1, 2).reshape(B * H * W, nh)
+    add = _additive(table.to(dt), H, W, ws, shift)
+    dqkv = qkv.new_empty((B * H * W, C3))
+    g = qkv.new_zeros((nh, N, N))
+    cw = max(1, min(n_win, chunk_bytes // (N * C3 * qkv.element_size())))
+    for b in range(B):
+        for w0 in range(0, n_win, cw):
+            w1 = min(n_win, w0 + cw)
+            r = rows[(b * n_win + w0) * N:(b * n_win + w1) * N]
+            nw = w1 - w0
+            x = flat.index_select(0, r).view(nw, N, 3, nh, hd)
+            q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))     # [w, heads, N, hd]
+            do = dflat.index_select(0, r).view(nw, N, nh, hd).transpose(1, 2)
+            d_l = delta.index_select(0, r).view(nw, N, nh).transpose(1, 2)[..., None]
+            l_r = lse_r.index_select(0, r).view(nw, N, nh).transpose(1, 2)[..., None]
+            p = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+            p += add[w0:w1] if add.shape[0] > 1 else add
+            _exp_(p.sub_(l_r))
+            dv = torch.matmul(p.transpose(-1, -2), do)
+            ds = torch.matmul(do, v.transpose(-1, -2)).sub_(d_l).mul_(p)
+            del p
+            dq = torch.matmul(ds, k).mul_(scale)
+            dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
+            d = torch.stack([t.transpose(1, 2) for t in (dq, dk, dv)], dim=2)  # [w, N, 3, h, hd]
+            dqkv.index_copy_(0, r, d.reshape(-1, C3))
+            g += ds.sum(0)
+    return dqkv.view(B, H, W, C3), _table_grad(g, ws, table)
 
 
 def _bwd_reference(dout, qkv, table, out, lse, ws, shift, nh, scale):
@@ -257,11 +276,15 @@ def _bwd_reference(dout, qkv, table, out, lse, ws, shift, nh, scale):
 
 def _table_grad_from_scores(ds: Tensor, ws: int, table: Tensor) -> Tensor:
     """dS [B, nW, heads, N, N] -> gradient of the bias table [(2ws−1)², heads] (table dtype)."""
-    nh, N = ds.shape[2], ds.shape[3]
-    g = ds.sum((0, 1)).reshape(nh, N * N).t()                          # [N·N, heads]
-    idx = _relative_position_index_cpu(ws).to(ds.device).flatten()
-    dtable = torch.zeros((2 * ws - 1) ** 2, nh, dtype=ds.dtype, device=ds.device)
-    return dtable.index_add_(0, idx, g).to(table.dtype)
+    return _table_grad(ds.sum((0, 1)), ws, table)
+
+
+def _table_grad(g: Tensor, ws: int, table: Tensor) -> Tensor:
+    """dS summed over windows and batch [heads, N, N] -> table gradient (table dtype)."""
+    nh, N = g.shape[0], g.shape[1]
+    idx = _relative_position_index_cpu(ws).to(g.device).flatten()
+    dtable = torch.zeros((2 * ws - 1) ** 2, nh, dtype=g.dtype, device=g.device)
+    return dtable.index_add_(0, idx, g.reshape(nh, N * N).t()).to(table.dtype)
 
 
 def _fwd_triton(qkv, table, ws, shift, nh, scale):
