@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +50,9 @@ from varformer.ops.quantizer import VAR_PATCH_NUMS, MultiScaleQuantizer
 from varformer.ops.swin import ResidualSwinTransformerBlock
 
 from .adapter import Adapter
-from .var import AdaLNBeforeHead, AdaLNSelfAttn, VAR
-from .vqvae import AttnBlock, Downsample2x, Normalize, ResnetBlock, Upsample2x, VQVAE
+from .var import VAR
+from .vqvae import (VQVAE, Downsample2x, Normalize, Upsample2x, make_level, make_mid,
+                    run_level, run_mid)
 
 MODES = ("official", "paper")
 AdaptiveFeatureTransform = MediatorAttention     # the paper's name for the AFT block
@@ -211,21 +212,12 @@ class MainEncoder(_PriorGuidance):
         self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
         self.down = nn.ModuleList()
         for i in range(n):
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            cin = ch_h[i]
-            for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(cin, ch_vq[i]))
-                cin = ch_vq[i]
-                if i == n - 1:
-                    level.attn.append(AttnBlock(cin))
+            level = make_level(ch_h[i], ch_vq[i], num_res_blocks, i == n - 1)
             if i != n - 1:
-                level.downsample = Downsample2x(cin)
+                level.downsample = Downsample2x(ch_vq[i])
             self.down.append(level)
         c = ch_vq[-1]
-        self.mid = nn.Module()
-        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = (ResnetBlock(c, c), AttnBlock(c),
-                                                               ResnetBlock(c, c))
+        self.mid = make_mid(c)
         self.norm_out = Normalize(c)
         self.conv_out = nn.Conv2d(c, z_channels, 3, 1, 1)
         self._build(ch_h, ch_vq, ch_vq, heads, res, concat_priors)
@@ -238,14 +230,10 @@ class MainEncoder(_PriorGuidance):
                 h, wlogit = self._guide(i, h, e_vq[f"Level_{i}"], s_v)
                 if i == 1:
                     feats["weighted_z"] = F.interpolate(wlogit, scale_factor=2, mode="nearest")
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
-            feats[f"Level_{i}"] = h
+            h = feats[f"Level_{i}"] = run_level(level, h)
             if i != self.num_resolutions - 1:
                 h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = run_mid(self.mid, h)
         return self.conv_out(F.silu(self.norm_out(h))), feats
 
 
@@ -266,21 +254,12 @@ class MainDecoder(_PriorGuidance):
         self.input_w = nn.Parameter(torch.tensor(0.5))
         c = ch_h[-1]
         self.conv_in = nn.Conv2d(z_channels, c, 3, 1, 1)
-        self.mid = nn.Module()
-        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = (ResnetBlock(c, c), AttnBlock(c),
-                                                               ResnetBlock(c, c))
+        self.mid = make_mid(c)
         levels = []
         for i in range(n):
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            cin = ch_h[i]
-            for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(cin, ch_out[i]))
-                cin = ch_out[i]
-                if i == n - 1:
-                    level.attn.append(AttnBlock(cin))
+            level = make_level(ch_h[i], ch_out[i], num_res_blocks, i == n - 1)
             if i != 0:
-                level.upsample = Upsample2x(cin)
+                level.upsample = Upsample2x(ch_out[i])
             levels.append(level)
         self.up = nn.ModuleList(levels)
         self.norm_out = Normalize(ch_out[0])
@@ -290,19 +269,15 @@ class MainDecoder(_PriorGuidance):
 
     def forward(self, lq: Tensor, s_v: Tensor, z: Tensor, e_main: Dict[str, Tensor],
                 d_vq: Dict[str, Tensor]) -> Tensor:
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        h = run_mid(self.mid, self.conv_in(z))
         w = torch.sigmoid(self.theta)
         for i in reversed(range(self.num_resolutions)):
             h = w[i] * h + (1 - w[i]) * e_main[f"Level_{i}"]          # mix-up skip
             if i >= 1:
                 h, _ = self._guide(i, h, d_vq[f"Level_{i}"], s_v)
-            level = self.up[i]
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = run_level(self.up[i], h)
             if i != 0:
-                h = level.upsample(h)
+                h = self.up[i].upsample(h)
         y = self.conv_out(F.silu(self.norm_out(h)))
         # official: lq weighted by a softmax over one channel (identically 1), i.e. lq itself
         return (1 - self.input_w) * y + self.input_w * lq

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -87,6 +86,41 @@ class Upsample2x(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
+def make_level(cin: int, cout: int, n_blocks: int, attn: bool, dropout: float = 0.0):
+    """One resolution level: ``block`` (ResnetBlocks cin → cout, then cout → cout) and ``attn``
+    (an AttnBlock after each block when ``attn``), with the official key names."""
+    level = nn.Module()
+    level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+    for _ in range(n_blocks):
+        level.block.append(ResnetBlock(cin, cout, dropout))
+        cin = cout
+        if attn:
+            level.attn.append(AttnBlock(cout))
+    return level
+
+
+def run_level(level: nn.Module, h: Tensor) -> Tensor:
+    for j, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[j](h)
+    return h
+
+
+def make_mid(c: int, dropout: float = 0.0, attn: bool = True) -> nn.Module:
+    """ResnetBlock, AttnBlock (or identity), ResnetBlock at width c (``block_1``, ``attn_1``,
+    ``block_2``)."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(c, c, dropout)
+    mid.attn_1 = AttnBlock(c) if attn else nn.Identity()
+    mid.block_2 = ResnetBlock(c, c, dropout)
+    return mid
+
+
+def run_mid(mid: nn.Module, h: Tensor) -> Tensor:
+    return mid.block_2(mid.attn_1(mid.block_1(h)))
+
+
 class Encoder(nn.Module):
     """[B, 3, H, W] -> [B, z, H/16, W/16] (+ features Level_0..4, middle)."""
 
@@ -100,21 +134,13 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         block_in = ch
         for i in range(self.num_resolutions):
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            block_in, block_out = ch * in_mult[i], ch * ch_mult[i]
-            for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if i == self.num_resolutions - 1 and using_sa:
-                    level.attn.append(AttnBlock(block_in))
+            block_in = ch * ch_mult[i]
+            level = make_level(ch * in_mult[i], block_in, num_res_blocks,
+                               i == self.num_resolutions - 1 and using_sa, dropout)
             if i != self.num_resolutions - 1:
                 level.downsample = Downsample2x(block_in)
             self.down.append(level)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in) if using_mid_sa else nn.Identity()
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.mid = make_mid(block_in, dropout, using_mid_sa)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, 1, 1)
 
@@ -122,15 +148,10 @@ class Encoder(nn.Module):
         feats: Dict[str, Tensor] = {}
         h = self.conv_in(x)
         for i, level in enumerate(self.down):
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
-            feats[f"Level_{i}"] = h
+            h = feats[f"Level_{i}"] = run_level(level, h)
             if i != self.num_resolutions - 1:
                 h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        feats["middle"] = h
+        h = feats["middle"] = run_mid(self.mid, h)
         h = self.conv_out(F.silu(self.norm_out(h)))
         return (h, feats) if return_features else h
 
@@ -145,20 +166,12 @@ class Decoder(nn.Module):
         self.num_resolutions = len(ch_mult)
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in) if using_mid_sa else nn.Identity()
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.mid = make_mid(block_in, dropout, using_mid_sa)
         levels: List[nn.Module] = []
         for i in reversed(range(self.num_resolutions)):
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            block_out = ch * ch_mult[i]
-            for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if i == self.num_resolutions - 1 and using_sa:
-                    level.attn.append(AttnBlock(block_in))
+            level = make_level(block_in, ch * ch_mult[i], num_res_blocks + 1,
+                               i == self.num_resolutions - 1 and using_sa, dropout)
+            block_in = ch * ch_mult[i]
             if i != 0:
                 level.upsample = Upsample2x(block_in)
             levels.insert(0, level)
@@ -168,15 +181,10 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor, return_features: bool = False):
         feats: Dict[str, Tensor] = {}
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
-        feats["z_quant"] = h
+        h = feats["z_quant"] = run_mid(self.mid, self.conv_in(z))
         for i in reversed(range(self.num_resolutions)):
             level = self.up[i]
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
-            feats[f"Level_{i}"] = h
+            h = feats[f"Level_{i}"] = run_level(level, h)
             if i != 0:
                 h = level.upsample(h)
         h = self.conv_out(F.silu(self.norm_out(h)))
