@@ -219,8 +219,8 @@ def fake_varformer(monkeypatch):
 
     class FakeVarFormer:
         @staticmethod
-        def from_pretrained(path, mode):
-            calls.append((path, mode))
+        def from_pretrained(path, mode, preset="full"):
+            calls.append((path, mode, preset))
             return Identity()
 
     monkeypatch.setattr(varformer.models, "VarFormer", FakeVarFormer, raising=False)
@@ -235,7 +235,7 @@ def test_cli_restores_folder_and_single_file(tmp_path, fake_varformer, capsys):
     assert cli.main(["restore", str(tmp_path / "in"), "-o", str(out), "--weights", str(weights),
                      "--device", "cpu", "--tile", "64", "--tile-overlap", "8",
                      "--mode", "paper"]) == 0
-    assert fake_varformer == [(str(weights), "paper")]
+    assert fake_varformer == [(str(weights), "paper", "full")]
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
     for name, a in images.items():
         np.testing.assert_array_equal(np.asarray(Image.open(out / (name[:-4] + ".png"))), a)
