@@ -50,16 +50,16 @@ def lattice(V, C, dtype, gen):
 @pytest.mark.parametrize("V", [1, 7, 4096])
 @pytest.mark.parametrize("N", [1, 2, 7, 300, 4097])
 def test_random_inputs_near_bruteforce(N, V, C, dtype):
-    z, E = torch.randn(N, C, dtype=dtype), torch.randn(V, C, dtype=dtype)
-    sq = E.pow(2).sum(1)
-    idx, dist, codes = _ext.lookup(z, E, sq, True)
-    check_near_min(z, E, sq, idx, dist)
-    assert torch.equal(codes, E[idx])
+    _check_random(N, V, C, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("N,V,C", [(37, 300, 3), (5, 129, 256), (600, 1000, 256), (70, 50, 1)])
 def test_odd_and_wide_channels(N, V, C, dtype):
+    _check_random(N, V, C, dtype)
+
+
+def _check_random(N, V, C, dtype):
     z, E = torch.randn(N, C, dtype=dtype), torch.randn(V, C, dtype=dtype)
     sq = E.pow(2).sum(1)
     idx, dist, codes = _ext.lookup(z, E, sq, True)

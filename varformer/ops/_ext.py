@@ -31,6 +31,7 @@ NAMESPACE = "varformer_ext"
 OP = f"{NAMESPACE}::vq_lookup"
 CPU_SOURCES = ("vq_lookup.cpp",)
 CUDA_SOURCES = ("vq_lookup_cuda.cu",)
+HEADERS = ("vq_lookup_checks.h",)        # included by both; part of the build name's hash
 # Tried in order until one builds: native ISA + OpenMP, portable + OpenMP, serial.
 CPU_FLAG_SETS = ((["-O3", "-fopenmp", "-march=native"], ["-fopenmp"]),
                  (["-O3", "-fopenmp"], ["-fopenmp"]),
@@ -89,7 +90,7 @@ def _torch_cuda_reason() -> str:
 
 def _build_name(sources: list[Path], cflags: list[str], cuda: bool) -> str:
     h = hashlib.sha256()
-    for src in sources:
+    for src in list(sources) + [sources[0].parent / name for name in HEADERS]:
         h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
     h.update(repr((cflags, CUDA_FLAGS if cuda else None, torch.__version__)).encode())
     if "-march=native" in cflags:
