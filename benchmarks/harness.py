@@ -49,9 +49,165 @@ _GPU_PEAKS = {
 }
 
 
+# ------------------------------------------------------------------------------ CPU model
+# ISA extensions worth stating next to a CPU number, in the order they are listed.
+_ISA_ORDER = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+              "amx_bf16", "amx_tile", "avx_vnni", "avx2", "fma", "avx", "sse4_2", "asimd", "sve")
+FMA_UNITS_ASSUMED = 2     # FMA pipes per core: two on recent x86 server/desktop cores
+
+
+def parse_cpuinfo(text: str) -> dict:
+    """Facts from ``/proc/cpuinfo`` text: ``model``, ``vendor``, ``flags`` (set), and one dict
+    per processor (``processor``, ``physical id``, ``core id``, ``cpu MHz``, ``bogomips``)."""
+    procs, cur = [], {}
+    for line in text.splitlines() + [""]:
+        if not line.strip():
+            if cur:
+                procs.append(cur)
+                cur = {}
+            continue
+        key, _, val = line.partition(":")
+        cur[key.strip().lower()] = val.strip()
+    first = procs[0] if procs else {}
+    flags = set((first.get("flags") or first.get("features") or "").split())
+    model = first.get("model name") or first.get("cpu model") or first.get("hardware") or ""
+    return {"model": model, "vendor": first.get("vendor_id", ""), "flags": flags,
+            "processors": procs}
+
+
+def simd_fp32_lanes(flags, vendor: str = "") -> tuple[int, str]:
+    """(fp32 lanes per FMA instruction, ISA name): avx512f → 16, avx2 + fma → 8, avx → 8
+    (no FMA), sse → 4, NEON (asimd) → 4. AMD's first AVX-512 cores (Zen 4: no
+    ``avx512_vp2intersect``) execute 512-bit FMAs as two 256-bit halves: counted as 8 lanes."""
+    flags = set(flags)
+    if "avx512f" in flags:
+        if vendor == "AuthenticAMD" and "avx512_vp2intersect" not in flags:
+            return 8, "avx512 (2x256-bit datapath)"
+        return 16, "avx512"
+    if "avx2" in flags and "fma" in flags:
+        return 8, "avx2+fma"
+    if "avx" in flags:
+        return 8, "avx (no fma)"
+    if "asimd" in flags:
+        return 4, "neon"
+    return 4, "sse"
+
+
+def _ghz(parsed: dict, procs: list, sys_root: str = "/sys/devices/system/cpu") -> tuple[float, str]:
+    """Estimated core clock: cpufreq's maximum, else the largest ``cpu MHz``, else the clock in
+    the model name (``@ 2.60GHz``), else bogomips / 2. Returns (GHz, where it came from)."""
+    try:
+        with open(os.path.join(sys_root, "cpu0", "cpufreq", "cpuinfo_max_freq")) as f:
+            return int(f.read().strip()) / 1e6, "cpufreq max"
+    except (OSError, ValueError):
+        pass
+    mhz = [float(p["cpu mhz"]) for p in procs if p.get("cpu mhz", "").replace(".", "", 1).isdigit()]
+    if mhz and max(mhz) > 0:
+        return max(mhz) / 1e3, "cpuinfo 'cpu MHz'"
+    m = re.search(r"@\s*([\d.]+)\s*GHz", parsed["model"])
+    if m:
+        return float(m.group(1)), "model name"
+    bogo = [float(p["bogomips"]) for p in procs if p.get("bogomips")]
+    if bogo:
+        return max(bogo) / 2e3, "bogomips / 2"
+    return float("nan"), "unknown"
+
+
+def cpu_peak_model(text: str, cpus=None, threads: int | None = None,
+                   fma_units: int = FMA_UNITS_ASSUMED, sys_root: str = "/sys/devices/system/cpu"
+                   ) -> dict:
+    """FP32 FMA peak estimated from ``/proc/cpuinfo`` text: cores × FMA units × SIMD lanes ×
+    2 FLOP × GHz, counting the physical cores among ``cpus`` (logical CPU ids; default all) that
+    ``threads`` threads can occupy (default: all of them). Returns ``model``, ``vendor``,
+    ``isa`` (list), ``simd``, ``lanes``, ``fma_units``, ``logical_cpus``, ``cores``,
+    ``cores_used``, ``ghz``, ``ghz_source``, ``peak_gflops_fp32`` and ``peak_formula``."""
+    parsed = parse_cpuinfo(text)
+    procs = parsed["processors"]
+    if cpus is not None:
+        keep = {int(c) for c in cpus}
+        procs = [p for p in procs if p.get("processor", "").isdigit()
+                 and int(p["processor"]) in keep] or procs
+    # a core is a (package, core id) pair; without those fields every logical CPU counts
+    cores = {(p.get("physical id", "0"), p.get("core id", p.get("processor", str(i))))
+             for i, p in enumerate(procs)}
+    n_logical, n_cores = max(1, len(procs)), max(1, len(cores))
+    used = n_cores if threads is None else max(1, min(int(threads), n_cores))
+    lanes, simd = simd_fp32_lanes(parsed["flags"], parsed["vendor"])
+    fma = "fma" in parsed["flags"] or simd in ("avx512", "avx512 (2x256-bit datapath)", "neon")
+    ghz, source = _ghz(parsed, procs, sys_root)
+    per_cycle = fma_units * lanes * (2 if fma else 1)
+    peak = used * per_cycle * ghz
+    formula = (f"{used} cores x {fma_units} FMA units x {lanes} lanes x "
+               f"{2 if fma else 1} FLOP x {ghz:.2f} GHz ({source})")
+    return {"model": parsed["model"] or platform.processor() or platform.machine(),
+            "vendor": parsed["vendor"],
+            "isa": [f for f in _ISA_ORDER if f in parsed["flags"]], "simd": simd,
+            "lanes": lanes, "fma_units": fma_units, "logical_cpus": n_logical, "cores": n_cores,
+            "cores_used": used, "ghz": ghz, "ghz_source": source, "peak_gflops_fp32": peak,
+            "peak_formula": formula}
+
+
+_BANDWIDTH: dict = {}
+
+
+def memory_bandwidth_gbs(mib: int = 128) -> float:
+    """Copy bandwidth of this process (GB/s, read + write bytes) at torch's thread count: best
+    of five copies of a ``mib``-MiB buffer; measured once per process and thread count."""
+    key = (torch.get_num_threads(), mib)
+    if key not in _BANDWIDTH:
+        n = mib * 2**20 // 4
+        src, dst = torch.ones(n), torch.empty(n)
+        dst.copy_(src)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - t0)
+        del src, dst
+        _BANDWIDTH[key] = 2 * n * 4 / best / 1e9
+    return _BANDWIDTH[key]
+
+
+def cpu_info(threads: int | None = None, bandwidth: bool = False) -> dict:
+    """This machine's CPU: ``model``, ``isa`` (list of extension flags), ``simd``, ``threads``
+    (torch's thread count unless given), ``cores``, ``loadavg`` (1/5/15 min), the estimated
+    ``peak_gflops_fp32`` for those threads (see ``cpu_peak_model``; ``peak_formula`` says how)
+    and, with ``bandwidth=True``, the measured copy ``bandwidth_gbs``."""
+    threads = torch.get_num_threads() if threads is None else int(threads)
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = None
+    info = cpu_peak_model(text, cpus, threads)
+    info["threads"] = threads
+    try:
+        info["loadavg"] = os.getloadavg()
+    except OSError:
+        info["loadavg"] = (float("nan"),) * 3
+    if bandwidth:
+        info["bandwidth_gbs"] = memory_bandwidth_gbs()
+    return info
+
+
+def cpu_peaks(threads: int | None = None) -> Peaks:
+    """Roofline ceilings of this CPU: estimated FMA peak (fp64 at half rate; bf16/fp16 counted
+    at the fp32 rate, as the CPU paths compute in fp32) and the measured copy bandwidth."""
+    info = cpu_info(threads, bandwidth=True)
+    p = info["peak_gflops_fp32"] * 1e9
+    return Peaks(f"{info['model']} ({info['simd']})", info["bandwidth_gbs"] * 1e9,
+                 {torch.float32: p, torch.float64: p / 2, torch.bfloat16: p, torch.float16: p})
+
+
 def device_peaks(device: str) -> Peaks | None:
+    """Ceilings for the roofline column: the CPU model below on CPU, the table above on CUDA
+    (None for an unknown GPU)."""
     if device != "cuda":
-        return None
+        return cpu_peaks()
     name = torch.cuda.get_device_name()
     for key, peaks in _GPU_PEAKS.items():
         if key in name:
