@@ -365,3 +365,18 @@ def test_data_check_cli(tmp_path, capsys):
     report = check(config(tmp_path / "data"), print_report=False)
     assert not report.ok and any("r3.png" in e for e in report.errors)
     assert data_main(["check", str(tmp_path / "missing.yaml")]) == 1
+
+
+def test_data_check_command_line_and_synthetic_config(tmp_path, capsys):
+    """`varformer data check CONFIG` (no doubled 'check'); a synthetic-data training config is
+    reported as such, not as a config without tasks."""
+    from varformer import cli
+
+    cfg = tmp_path / "tiny.yml"
+    cfg.write_text("name: t\ndata:\n  synthetic: {n: 5, size: 64}\nval:\n  synthetic: {n: 1}\n")
+    assert cli.main(["data", "check", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic pairs (5 random 64x64" in out and "no training tasks" not in out
+    assert "val.synthetic" in out
+    assert cli.main(["data", "check", str(tmp_path / "missing.yml")]) == 1
+    assert "config" in capsys.readouterr().out

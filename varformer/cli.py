@@ -180,9 +180,9 @@ def _delegate(argv):
     if argv[:1] == ["eval"]:
         from varformer.eval import eval_main
         return eval_main(argv[1:])
-    if argv[:2] == ["data", "check"]:
+    if argv[:1] == ["data"]:
         from varformer.data.check import data_main
-        return data_main(argv[2:])
+        return data_main(argv[1:])
     return None
 
 
