@@ -110,30 +110,56 @@ def _swin(blocks: nn.ModuleList, x: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(B, C, H, W)
 
 
-class WeightPredictor(nn.Module):
-    """Prior projector: guide g [B, dim_in, H, W] -> 2 RSTBs -> per-image softmax weights over
-    the scales w [B, SN]; the weighted priors w_k·S_v[:, k] are concatenated ([B, SN·32, 16, 16],
-    official) or summed ([B, 32, 16, 16], paper Eq. 3), instance-normalised, projected by a 1×1
-    conv to out_dim and brought to H×W (nearest ×up_r + 3×3 conv) -> P [B, out_dim, H, W]."""
+class PriorProjection(nn.Module):
+    """The projection head M of paper Eq. 3: per-image weights w [B, SN] (None: uniform, 1/SN)
+    times the scale priors S_v [B, SN, 32, 16, 16], concatenated ([B, SN·32, 16, 16], official)
+    or summed ([B, 32, 16, 16], paper Eq. 3), instance-normalised, 1×1 conv to out_dim and
+    brought to H×W (nearest ×up_r + 3×3 conv) -> P [B, out_dim, H, W]. Alone (uniform weights)
+    it is the prior path of a model built without DAE but with AFT."""
 
-    def __init__(self, dim_in: int, out_dim: int, up_r: int, resolution: int, heads: int,
-                 n_scales: int = 10, prior_ch: int = 32, concat: bool = True):
+    def __init__(self, out_dim: int, up_r: int, n_scales: int = 10, prior_ch: int = 32,
+                 concat: bool = True):
         super().__init__()
-        self.up_r, self.concat = up_r, concat
-        self.swin_blocks = _rstb_pair(dim_in, resolution, heads)
-        self.conv1x1 = nn.Conv2d(dim_in, n_scales, 1)
+        self._build_head(out_dim, up_r, n_scales, prior_ch, concat)
+
+    def _build_head(self, out_dim, up_r, n_scales, prior_ch, concat):
+        self.up_r, self.concat, self.n_scales = up_r, concat, n_scales
         cin = n_scales * prior_ch if concat else prior_ch
         self.norm = nn.InstanceNorm2d(cin)
         self.conv_out = nn.Conv2d(cin, out_dim, 1)
         if up_r > 1:
             self.upsample = Upsample2xBy(out_dim, up_r)
 
-    def forward(self, g: Tensor, s_v: Tensor) -> Tensor:
-        w = self.conv1x1(_swin(self.swin_blocks, g)).mean((2, 3)).softmax(1)      # [B, SN]
+    def project(self, w: Optional[Tensor], s_v: Tensor) -> Tensor:
+        if w is None:
+            w = s_v.new_full(s_v.shape[:2], 1.0 / s_v.shape[1])
         s_w = w[:, :, None, None, None] * s_v
         s_w = s_w.flatten(1, 2) if self.concat else s_w.sum(1)
         p = self.conv_out(self.norm(s_w))
         return self.upsample(p) if self.up_r > 1 else p
+
+    def forward(self, s_v: Tensor) -> Tensor:
+        return self.project(None, s_v)
+
+
+class WeightPredictor(PriorProjection):
+    """Prior projector (DAE's weight predictor + M): guide g [B, dim_in, H, W] -> 2 RSTBs ->
+    1×1 conv -> mean over pixels -> per-image softmax weights over the scales w [B, SN] ->
+    ``PriorProjection.project(w, S_v)`` -> P [B, out_dim, H, W]."""
+
+    def __init__(self, dim_in: int, out_dim: int, up_r: int, resolution: int, heads: int,
+                 n_scales: int = 10, prior_ch: int = 32, concat: bool = True):
+        nn.Module.__init__(self)
+        self.swin_blocks = _rstb_pair(dim_in, resolution, heads)
+        self.conv1x1 = nn.Conv2d(dim_in, n_scales, 1)
+        self._build_head(out_dim, up_r, n_scales, prior_ch, concat)
+
+    def scale_weights(self, g: Tensor) -> Tensor:
+        """g [B, dim_in, H, W] -> w [B, SN] (softmax over the scales)."""
+        return self.conv1x1(_swin(self.swin_blocks, g)).mean((2, 3)).softmax(1)
+
+    def forward(self, g: Tensor, s_v: Tensor) -> Tensor:
+        return self.project(self.scale_weights(g), s_v)
 
 
 class Upsample2xBy(nn.Module):
@@ -157,8 +183,12 @@ class DegradationAwareEnhancement(nn.Module):
         self.swin_blocks = _rstb_pair(2 * dim, resolution, heads)
         self.conv1x1 = nn.Conv2d(2 * dim, 2, 1)
 
+    def fusion_logits(self, h: Tensor, p: Tensor) -> Tensor:
+        """-> [B, 2, H, W]; their softmax over dim 1 is (w1^g, w2^g) of Eq. 4."""
+        return self.conv1x1(_swin(self.swin_blocks, torch.cat((h, p), 1)))
+
     def forward(self, h: Tensor, p: Tensor) -> Tuple[Tensor, Tensor]:
-        logits = self.conv1x1(_swin(self.swin_blocks, torch.cat((h, p), 1)))
+        logits = self.fusion_logits(h, p)
         w = logits.softmax(1)
         return w[:, :1] * h + w[:, 1:] * p, logits[:, :1]
 
@@ -171,29 +201,54 @@ class _PriorGuidance(nn.Module):
     """The per-level modules shared by the main encoder and decoder: ``cat_rec_syn_bf_nm``
     (GN) and ``cat_rec_syn_bf`` (1×1) make the guide g from cat(VQ feature, h); ``cat_rec_syn``
     (WeightPredictor), ``DAE`` and ``AFT``. Level 0 is built (official weights hold it) but
-    never run."""
+    never run.
 
-    def _build(self, ch_h, ch_vq, ch_g, heads, res, concat):
-        self.cat_rec_syn_bf_nm = _levels(lambda i: Normalize(ch_vq[i] + ch_h[i]))
-        self.cat_rec_syn_bf = _levels(lambda i: nn.Conv2d(ch_vq[i] + ch_h[i], ch_g[i], 1))
-        self.cat_rec_syn = _levels(lambda i: WeightPredictor(ch_g[i], ch_h[i], res[i] // 16,
-                                                             res[i], heads, concat=concat))
-        self.DAE = _levels(lambda i: DegradationAwareEnhancement(ch_h[i], res[i], heads))
-        self.AFT = _levels(lambda i: AdaptiveFeatureTransform(ch_h[i]))
+    Ablations (``dae``, ``aft``; see ``VarFormer``): without DAE the guide convs, the weight
+    predictor and the fusion are not built, and with AFT still on ``cat_rec_syn`` is only the
+    projection head (``PriorProjection``, uniform scale weights) and AFT takes the level's
+    feature itself as x; without AFT the fused feature goes straight on; without both, the
+    level uses no prior."""
+
+    def _build(self, ch_h, ch_vq, ch_g, heads, res, concat, dae=True, aft=True):
+        self.use_dae, self.use_aft = dae, aft
+        if dae:
+            self.cat_rec_syn_bf_nm = _levels(lambda i: Normalize(ch_vq[i] + ch_h[i]))
+            self.cat_rec_syn_bf = _levels(lambda i: nn.Conv2d(ch_vq[i] + ch_h[i], ch_g[i], 1))
+            self.cat_rec_syn = _levels(lambda i: WeightPredictor(ch_g[i], ch_h[i], res[i] // 16,
+                                                                 res[i], heads, concat=concat))
+            self.DAE = _levels(lambda i: DegradationAwareEnhancement(ch_h[i], res[i], heads))
+        elif aft:
+            self.cat_rec_syn = _levels(lambda i: PriorProjection(ch_h[i], res[i] // 16,
+                                                                 concat=concat))
+        if aft:
+            self.AFT = _levels(lambda i: AdaptiveFeatureTransform(ch_h[i]))
 
     checkpoint_levels: Tuple[int, ...] = ()
 
+    @property
+    def uses_priors(self) -> bool:
+        return self.use_dae or self.use_aft
+
     def _guide(self, i: int, h: Tensor, feat_vq: Tensor, s_v: Tensor):
+        """Level i's prior guidance: h -> (h, logit of DAE's w1 or None)."""
+        if not self.uses_priors:
+            return h, None
         if i in self.checkpoint_levels and torch.is_grad_enabled() and self.training:
             return checkpoint(self._guide_level, i, h, feat_vq, s_v, use_reentrant=False)
         return self._guide_level(i, h, feat_vq, s_v)
 
     def _guide_level(self, i: int, h: Tensor, feat_vq: Tensor, s_v: Tensor):
         key = f"Level_{i}"
-        g = self.cat_rec_syn_bf[key](self.cat_rec_syn_bf_nm[key](torch.cat((feat_vq, h), 1)))
-        p = self.cat_rec_syn[key](g, s_v)
-        h, wlogit = self.DAE[key](h, p)
-        return self.AFT[key](h, p), wlogit
+        wlogit = None
+        if self.use_dae:
+            g = self.cat_rec_syn_bf[key](self.cat_rec_syn_bf_nm[key](torch.cat((feat_vq, h), 1)))
+            p = self.cat_rec_syn[key](g, s_v)
+            h, wlogit = self.DAE[key](h, p)
+        else:
+            p = self.cat_rec_syn[key](s_v)
+        if self.use_aft:
+            h = self.AFT[key](h, p)
+        return h, wlogit
 
 
 class MainEncoder(_PriorGuidance):
@@ -201,7 +256,8 @@ class MainEncoder(_PriorGuidance):
 
     def __init__(self, ch: int = 160, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
                  num_res_blocks: int = 2, z_channels: int = 32, resolution: int = 256,
-                 heads: int = 8, concat_priors: bool = True):
+                 heads: int = 8, concat_priors: bool = True, dae: bool = True,
+                 aft: bool = True):
         super().__init__()
         n = len(ch_mult)
         in_mult = (1,) + tuple(ch_mult)
@@ -220,15 +276,15 @@ class MainEncoder(_PriorGuidance):
         self.mid = make_mid(c)
         self.norm_out = Normalize(c)
         self.conv_out = nn.Conv2d(c, z_channels, 3, 1, 1)
-        self._build(ch_h, ch_vq, ch_vq, heads, res, concat_priors)
+        self._build(ch_h, ch_vq, ch_vq, heads, res, concat_priors, dae, aft)
 
     def forward(self, x: Tensor, s_v: Tensor, e_vq: Dict[str, Tensor]):
         feats: Dict[str, Tensor] = {}
         h = self.conv_in(x)
         for i, level in enumerate(self.down):
             if i >= 1:
-                h, wlogit = self._guide(i, h, e_vq[f"Level_{i}"], s_v)
-                if i == 1:
+                h, wlogit = self._guide(i, h, e_vq.get(f"Level_{i}"), s_v)
+                if i == 1 and wlogit is not None:
                     feats["weighted_z"] = F.interpolate(wlogit, scale_factor=2, mode="nearest")
             h = feats[f"Level_{i}"] = run_level(level, h)
             if i != self.num_resolutions - 1:
@@ -238,11 +294,13 @@ class MainEncoder(_PriorGuidance):
 
 
 class MainDecoder(_PriorGuidance):
-    """(lq, S_v, z [B, 32, 16, 16], E_main, D_vq) -> restored [B, 3, 256, 256] (not clamped)."""
+    """(lq, S_v, z [B, 32, 16, 16], E_main, D_vq) -> restored [B, 3, 256, 256] (not clamped).
+    ``skip=False``: no adaptive mix-up skip (θ not built, E_main unused)."""
 
     def __init__(self, ch: int = 160, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
                  num_res_blocks: int = 2, z_channels: int = 32, resolution: int = 256,
-                 heads: int = 4, concat_priors: bool = True):
+                 heads: int = 4, concat_priors: bool = True, dae: bool = True,
+                 aft: bool = True, skip: bool = True):
         super().__init__()
         n = len(ch_mult)
         in_mult = (1,) + tuple(ch_mult)
@@ -250,7 +308,9 @@ class MainDecoder(_PriorGuidance):
         ch_h = [ch * ch_mult[i] for i in range(n)]          # h entering level i
         ch_out = [ch * in_mult[i] for i in range(n)]        # after the level's blocks
         self.num_resolutions = n
-        self.theta = nn.Parameter(torch.ones(n))
+        self.use_skip = skip
+        if skip:
+            self.theta = nn.Parameter(torch.ones(n))
         self.input_w = nn.Parameter(torch.tensor(0.5))
         c = ch_h[-1]
         self.conv_in = nn.Conv2d(z_channels, c, 3, 1, 1)
@@ -265,16 +325,17 @@ class MainDecoder(_PriorGuidance):
         self.norm_out = Normalize(ch_out[0])
         self.conv_out = nn.Conv2d(ch_out[0], 3, 3, 1, 1)
         self.conv1__w = nn.Conv2d(1, 1, 1)
-        self._build(ch_h, ch_h, ch_h, heads, res, concat_priors)
+        self._build(ch_h, ch_h, ch_h, heads, res, concat_priors, dae, aft)
 
     def forward(self, lq: Tensor, s_v: Tensor, z: Tensor, e_main: Dict[str, Tensor],
                 d_vq: Dict[str, Tensor]) -> Tensor:
         h = run_mid(self.mid, self.conv_in(z))
-        w = torch.sigmoid(self.theta)
+        w = torch.sigmoid(self.theta) if self.use_skip else None
         for i in reversed(range(self.num_resolutions)):
-            h = w[i] * h + (1 - w[i]) * e_main[f"Level_{i}"]          # mix-up skip
+            if w is not None:
+                h = w[i] * h + (1 - w[i]) * e_main[f"Level_{i}"]      # mix-up skip (Eq. 6)
             if i >= 1:
-                h, _ = self._guide(i, h, d_vq[f"Level_{i}"], s_v)
+                h, _ = self._guide(i, h, d_vq.get(f"Level_{i}"), s_v)
             h = run_level(self.up[i], h)
             if i != 0:
                 h = self.up[i].upsample(h)
@@ -286,9 +347,73 @@ class MainDecoder(_PriorGuidance):
 # --------------------------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------------------------
+ABLATION_SWITCHES = ("skip", "adapter", "aft", "dae")
+# Table 5 of the paper: which of (skip, adapter, AFT, DAE) each experiment keeps
+TABLE5_VARIANTS: Dict[str, Dict[str, bool]] = {
+    "a": dict(skip=False, adapter=False, aft=False, dae=False),
+    "b": dict(skip=False, adapter=True, aft=True, dae=True),
+    "c": dict(skip=True, adapter=False, aft=True, dae=True),
+    "d": dict(skip=True, adapter=True, aft=False, dae=True),
+    "e": dict(skip=True, adapter=False, aft=False, dae=True),
+    "f": dict(skip=True, adapter=True, aft=True, dae=True),
+}
+
+
+def resolve_ablation(ablation=None) -> Dict[str, bool]:
+    """None (everything on), a Table-5 letter ``"a"``…``"f"`` or a mapping of some of
+    ``ABLATION_SWITCHES`` to bools (missing ones stay on) -> {skip, adapter, aft, dae}."""
+    if ablation is None:
+        return dict.fromkeys(ABLATION_SWITCHES, True)
+    if isinstance(ablation, str):
+        if ablation.lower() not in TABLE5_VARIANTS:
+            raise ValueError(f"ablation: a Table-5 variant is one of "
+                             f"{', '.join(TABLE5_VARIANTS)}, got {ablation!r}")
+        return dict(TABLE5_VARIANTS[ablation.lower()])
+    if not hasattr(ablation, "items"):
+        raise TypeError(f"ablation: expected None, a Table-5 letter or a mapping of "
+                        f"{ABLATION_SWITCHES} to bools, got {type(ablation).__name__}")
+    unknown = sorted(set(ablation) - set(ABLATION_SWITCHES))
+    if unknown:
+        raise ValueError(f"ablation: unknown switches {unknown}; the switches are "
+                         f"{list(ABLATION_SWITCHES)}")
+    out = dict.fromkeys(ABLATION_SWITCHES, True)
+    for k, v in ablation.items():
+        if not isinstance(v, bool):
+            raise TypeError(f"ablation: switch {k!r} must be true or false, got {v!r}")
+        out[k] = v
+    return out
+
+
+def table5_letter(ablation) -> Optional[str]:
+    """The Table-5 experiment (a…f) with these switches, or None."""
+    sw = resolve_ablation(ablation)
+    return next((k for k, v in TABLE5_VARIANTS.items() if v == sw), None)
+
+
 class VarFormer(nn.Module):
     """VarFormer with official names. Defaults: the released model (VAR d16, 8 cross-attention
-    blocks, ch 160). ``VarFormer.small()`` is a CPU-sized preset of the same topology."""
+    blocks, ch 160). ``VarFormer.small()`` is a CPU-sized preset of the same topology.
+
+    ``ablation`` (paper Table 5; ``resolve_ablation``: None = all on, a letter ``"a"``…``"f"``,
+    or e.g. ``{"dae": False}``) switches off modules, which are then not built (their keys are
+    absent from the state dict, so a checkpoint of the same variant loads strictly):
+
+    * ``skip=False`` — no adaptive mix-up skip (Eq. 6): the decoder keeps its own feature at
+      every level, F_d^i = F̂_d^i; ``main_decoder.theta`` is not built. (The official input
+      blend α stays: it is not the skip.)
+    * ``adapter=False`` — no Adapter (``ft_layers`` is a parameter-free identity): the
+      quantizer and the VAR branch take the VQVAE latent f itself; the feature loss then has no
+      trainable input.
+    * ``aft=False`` — no AFT (Eq. 5) at any level: the DAE output goes straight into the level's
+      residual blocks, F_in^{i+1} = F_g^i.
+    * ``dae=False`` — no DAE: neither the weight predictor of Eq. 3 (the guide convs
+      ``cat_rec_syn_bf_nm``/``cat_rec_syn_bf``, its Swin blocks and scale-weight conv) nor the
+      region fusion of Eq. 4 (``DAE``). With AFT on, the prior still reaches AFT through the
+      projection head M alone with uniform scale weights (1/K each), P = M(Σ_j S_v^j / K), and
+      AFT transforms the level's feature itself (F_g = F): AFT(F, P). With AFT also off the
+      U-Net uses no prior (Table 5 a); the VQ decoder features, used only by the decoder's
+      weight predictors, are then not computed.
+    """
 
     def __init__(self, mode: str = "official", var_depth: int = 16, n_cross: Optional[int] = None,
                  ch: int = 160, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
@@ -296,8 +421,9 @@ class VarFormer(nn.Module):
                  cfg: float = 0.5, enc_heads: int = 8, dec_heads: int = 4,
                  cross_heads: int = 16, vae_ch: int = 160, concat_priors: Optional[bool] = None,
                  use_fused_kernels: Optional[bool] = None, checkpoint_levels: Sequence[int] = (),
-                 var_grad: Optional[bool] = None):
+                 var_grad: Optional[bool] = None, ablation=None):
         super().__init__()
+        self.ablation = ab = resolve_ablation(ablation)
         self.use_fused_kernels = use_fused_kernels
         self.var_grad = (mode == "official") if var_grad is None else var_grad
         if mode not in MODES:
@@ -316,12 +442,15 @@ class VarFormer(nn.Module):
         self.register_buffer("attn_bias_for_masking", var.attn_bias_for_masking)
         self._var_cfg = dict(C=var.C, L=var.L, first_l=var.first_l, begin_ends=var.begin_ends,
                              num_classes=var.num_classes, Cvae=z_channels)
-        self.ft_layers = Adapter(z_channels, n_adapter_layers)
+        self.ft_layers = (Adapter(z_channels, n_adapter_layers) if ab["adapter"]
+                          else nn.Identity())
         n_cross = var_depth // 2 if n_cross is None else n_cross
         self.cross_attn_blocks = nn.ModuleList([CrossAttentionAR(i, var.C, cross_heads)
                                                 for i in range(n_cross)])
-        self.Mainencoder = MainEncoder(ch, ch_mult, 2, z_channels, 256, enc_heads, concat)
-        self.main_decoder = MainDecoder(ch, ch_mult, 2, z_channels, 256, dec_heads, concat)
+        self.Mainencoder = MainEncoder(ch, ch_mult, 2, z_channels, 256, enc_heads, concat,
+                                       dae=ab["dae"], aft=ab["aft"])
+        self.main_decoder = MainDecoder(ch, ch_mult, 2, z_channels, 256, dec_heads, concat,
+                                        dae=ab["dae"], aft=ab["aft"], skip=ab["skip"])
         self.set_checkpointing(checkpoint_levels)
 
     def set_checkpointing(self, levels: Sequence[int] = (1, 2)) -> None:
@@ -430,7 +559,9 @@ class VarFormer(nn.Module):
             lq_feat = f_a + (lq_feat - f_a).detach()
         z, e_main = self.Mainencoder(lq, s_v, e_vq)
         z = self.quant_conv(z)
-        _, d_vq = self.decoder(self.post_quant_conv(f_hat), return_features=True)
+        d_vq = {}
+        if self.main_decoder.use_dae:       # the decoder's weight predictors are guided by them
+            _, d_vq = self.decoder(self.post_quant_conv(f_hat), return_features=True)
         out = self.main_decoder(lq, s_v, z, e_main, d_vq).clamp(-1, 1)
         return (out, lq_feat, logits) if return_all else out
 
@@ -510,5 +641,7 @@ def _load_part(model: nn.Module, sd: Dict[str, Tensor], prefixes, path: str) -> 
     model.load_state_dict({k: sd[k] for k in own}, strict=False)
 
 
-__all__ = ["VarFormer", "CrossAttentionAR", "WeightPredictor", "DegradationAwareEnhancement",
-           "AdaptiveFeatureTransform", "MainEncoder", "MainDecoder", "MODES"]
+__all__ = ["VarFormer", "CrossAttentionAR", "WeightPredictor",
+           "DegradationAwareEnhancement", "AdaptiveFeatureTransform", "MainEncoder",
+           "MainDecoder", "MODES", "PriorProjection", "ABLATION_SWITCHES", "TABLE5_VARIANTS",
+           "resolve_ablation", "table5_letter"]

@@ -30,6 +30,9 @@ DEFAULTS: Dict[str, Any] = {
         "checkpointing": [],    # activation checkpointing of these prior levels, e.g. [1, 2]
         "fused_kernels": None,  # None: the model's dispatch rule; False: PyTorch references
         "trainable": None,      # top-level module names to train; None: the stage's set
+        # Table-5 ablation switches (VarFormer(ablation=...)): a letter a..f or these bools;
+        # anything switched off is also put into model.kwargs.ablation (checkpoints carry it)
+        "ablation": {"skip": True, "adapter": True, "aft": True, "dae": True},
     },
     "loss": {
         "ce": 0.1, "feat": 0.5,                 # stage 1 and 2 (official weights)
@@ -113,11 +116,53 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
     if path is not None:
         import yaml
         with open(resolve_path(path)) as f:
-            cfg = _merge(cfg, yaml.safe_load(f) or {})
+            cfg = _ablation_dict(_merge(cfg, yaml.safe_load(f) or {}))
     for layer in (extra or {}, parse_overrides(overrides)):
-        cfg = _merge(cfg, layer)
+        cfg = _ablation_dict(_merge(cfg, layer))
     if cfg["stage"] not in (1, 2):
         raise ValueError(f"config: stage must be 1 or 2, got {cfg['stage']!r}")
+    return _ablation_kwargs(cfg)
+
+
+_ALL_ON = DEFAULTS["model"]["ablation"]
+
+
+def _resolve_ablation(value, where: str) -> Dict[str, bool]:
+    if value == _ALL_ON:
+        return dict(_ALL_ON)
+    from varformer.models.varformer import resolve_ablation   # imports torch: only when needed
+    try:
+        return resolve_ablation(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config: {where}: {e}") from None
+
+
+def _ablation_dict(cfg: Dict) -> Dict:
+    """``model.ablation`` given as a Table-5 letter (or partly) -> the full dict of switches,
+    so that a later ``model.ablation.<switch>=...`` override merges into it."""
+    model = cfg["model"]
+    if model.get("ablation") != _ALL_ON:
+        model["ablation"] = _resolve_ablation(model.get("ablation"), "model.ablation")
+    return cfg
+
+
+def _ablation_kwargs(cfg: Dict) -> Dict:
+    """Switched-off modules go to ``model.kwargs.ablation`` (the VarFormer argument); an
+    all-on config keeps the kwargs free of it."""
+    model = cfg["model"]
+    ab = model["ablation"]
+    kw = model.setdefault("kwargs", {}) if model.get("kwargs") is not None else {}
+    if "ablation" in kw:
+        kab = _resolve_ablation(kw["ablation"], "model.kwargs.ablation")
+        if kab != ab and not all(ab.values()):
+            raise ValueError(f"config: model.ablation {ab} and model.kwargs.ablation {kab} "
+                             f"disagree; set one of them")
+        model["ablation"] = ab = kab
+    if all(ab.values()):
+        kw.pop("ablation", None)
+    else:
+        kw["ablation"] = dict(ab)
+        model["kwargs"] = kw
     return cfg
 
 
