@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from varformer.benchmarks.harness import Case, Provider
+from varformer.benchmarks.harness import Case, Provider, smoke
 from varformer.ops import mediator_attention, mediator_attention_official
 
 OP = "mediator_attention"
@@ -22,9 +22,12 @@ MULTI_HEAD = [(8, 8, n, L, d) for n in (16384, 65536) for L in (16, 64) for d in
 CPU_TARGET = [(1, 1, 16384, 1024, 160)]          # the CPU target of the issue
 CPU_QUICK = [(1, 1, 4096, 256, 160), (1, 8, 4096, 16, 32)]
 GPU_QUICK = [(8, 1, 16384, 1024, 160), (8, 8, 16384, 64, 64), (8, 8, 65536, 16, 32)]
+SMOKE = [(1, 2, 200, 12, 24)]                    # VARFORMER_BENCH_SMOKE=1: one tiny case
 
 
 def shapes(device: str, quick: bool):
+    if smoke():
+        return SMOKE
     if device == "cuda":
         return GPU_QUICK if quick else VARFORMER + MULTI_HEAD
     return CPU_QUICK if quick else CPU_QUICK + CPU_TARGET

@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from varformer.benchmarks.harness import Case, Provider
+from varformer.benchmarks.harness import Case, Provider, smoke
 from varformer.models import VarFormer
 
 
@@ -77,6 +77,8 @@ def training_case(device, size, B) -> Case:
 
 
 def cases(device: str, quick: bool = False, dtypes=None) -> list[Case]:
+    if smoke():                          # VARFORMER_BENCH_SMOKE=1: inference only
+        return [inference_case(device, "released" if device == "cuda" else "small", 1)]
     if device == "cuda":
         train_bs = [2] if quick else [4, 8]
         return [inference_case(device, "released", 1)] + [training_case(device, "released", b)

@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from varformer.benchmarks.harness import Case, Provider
+from varformer.benchmarks.harness import Case, Provider, smoke
 from varformer.ops import MultiScaleQuantizer, vq_lookup, vq_lookup_eager
 
 V, C = 4096, 32
@@ -124,7 +124,9 @@ def quantize_case(B: int, device: str) -> Case:
 
 
 def cases(device: str, quick: bool = False, dtypes=None) -> list[Case]:
-    if quick:
+    if smoke():                          # VARFORMER_BENCH_SMOKE=1: one tiny case per op
+        lookups, quants = [1], [1]
+    elif quick:
         lookups, quants = ([16], [16]) if device == "cpu" else ([16, 64], [1, 16])
     else:
         lookups, quants = [1, 16, 64], [1, 16, 64]

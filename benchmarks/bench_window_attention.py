@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from varformer.benchmarks.harness import Case, Provider
+from varformer.benchmarks.harness import Case, Provider, smoke
 from varformer.ops import window_attention, window_attention_reference
 from varformer.ops.window_attention import _additive, _merge_heads, _split_heads
 
@@ -26,9 +26,12 @@ SWIN_T = [(64, 56, 56, 7, 3, 3, 32)]
 CPU_QUICK = [(1, 128, 128, 4, 2, 8, 20)]          # the CPU target shape (VarFormer 128², B=1)
 CPU_FULL = CPU_QUICK + [(1, 64, 64, 8, 4, 6, 30)]
 GPU_QUICK = [(8, 128, 128, 4, 2, 8, 20), (8, 64, 64, 8, 4, 6, 30), (64, 56, 56, 7, 3, 3, 32)]
+SMOKE = [(1, 16, 24, 4, 2, 2, 8)]                 # VARFORMER_BENCH_SMOKE=1: one tiny case
 
 
 def shapes(device: str, quick: bool):
+    if smoke():
+        return SMOKE
     if device == "cuda":
         return GPU_QUICK if quick else VARFORMER + SWINIR + SWIN_T
     return CPU_QUICK if quick else CPU_FULL

@@ -4,10 +4,15 @@
   between runs); CPU — wall-clock median and p20/p80 over repeated calls.
 * peak memory: CUDA — ``max_memory_allocated`` above what was allocated before the call; CPU —
   the process's resident high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
-  above the resident size before the call, the least of three calls.
-* achieved TFLOP/s and GB/s from per-op counts, and the fraction of the roofline: the ideal time
-  max(FLOPs / peak FLOP/s, bytes / peak bandwidth) over the measured time.
-* results: CSV rows, a markdown table, one plot per op (matplotlib, optional).
+  above the resident size before the call, the least of three calls (one call when quick).
+* achieved FLOP/s and GB/s from per-op counts, the fraction of the FLOP peak, and the fraction
+  of the roofline: the ideal time max(FLOPs / peak FLOP/s, bytes / peak bandwidth) over the
+  measured time. Peaks: a table of measured GPUs; on CPU an FMA-peak estimate from
+  ``/proc/cpuinfo`` (``cpu_info``) and a measured copy bandwidth.
+* machine state: ``cpu_info`` (model, ISA, threads, load average), ``BackgroundLoad`` (busy
+  processes for reproducing a loaded machine), ``metadata`` (what every table states).
+* results: CSV rows, a markdown table, a one-line summary per op, one plot per bench module
+  (matplotlib, optional).
 """
 from __future__ import annotations
 
@@ -15,10 +20,12 @@ import csv
 import dataclasses
 import datetime as _dt
 import gc
+import math
 import os
 import platform
 import re
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -185,10 +192,7 @@ def cpu_info(threads: int | None = None, bandwidth: bool = False) -> dict:
         cpus = None
     info = cpu_peak_model(text, cpus, threads)
     info["threads"] = threads
-    try:
-        info["loadavg"] = os.getloadavg()
-    except OSError:
-        info["loadavg"] = (float("nan"),) * 3
+    info["loadavg"] = loadavg()
     if bandwidth:
         info["bandwidth_gbs"] = memory_bandwidth_gbs()
     return info
@@ -216,10 +220,18 @@ def device_peaks(device: str) -> Peaks | None:
 
 
 def describe_device(device: str) -> str:
+    """One line naming the device the numbers are for."""
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
         return f"{p.name} ({p.multi_processor_count} SMs)"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    info = cpu_info()
+    return f"CPU {info['model']} ({info['simd']}), {info['threads']} threads"
+
+
+# ------------------------------------------------------------------------------ run settings
+def smoke() -> bool:
+    """``VARFORMER_BENCH_SMOKE=1``: one tiny case per op, one repetition (end-to-end tests)."""
+    return os.environ.get("VARFORMER_BENCH_SMOKE", "").strip() not in ("", "0")
 
 
 # ------------------------------------------------------------------------------ measurement
@@ -247,8 +259,9 @@ def _malloc_trim() -> None:
         pass
 
 
-def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
-    """Peak memory of one call above what was live before it (MB)."""
+def peak_memory_mb(fn: Callable[[], object], device: str, calls: int = 3) -> float:
+    """Peak memory of one call above what was live before it (MB); on CPU the least over
+    ``calls`` calls."""
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -258,7 +271,7 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     peaks = []
-    for _ in range(3):       # resident-set peaks vary with the allocator's state: keep the least
+    for _ in range(max(1, calls)):   # resident-set peaks vary with the allocator's state
         _malloc_trim()
         if not _reset_hwm():
             return float("nan")
@@ -269,23 +282,30 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
     return min(peaks)
 
 
-def time_ms(fn: Callable[[], object], device: str, grad_to_none=None, quick=False):
-    """(median, p20, p80) milliseconds of ``fn``."""
+def time_ms(fn: Callable[[], object], device: str, grad_to_none=None, quick=False,
+            reps: int | None = None, warmup: bool = True):
+    """(median, p20, p80) milliseconds of ``fn``. CPU: after one warm-up call (unless
+    ``warmup=False``), at least three calls and as many as fit in 1 s (quick) / 5 s, at most 50;
+    ``reps`` fixes the number of calls instead."""
     if device == "cuda":
         from triton.testing import do_bench
+        if reps is not None:
+            return tuple(do_bench(fn, warmup=1, rep=1, grad_to_none=grad_to_none,
+                                  quantiles=[0.5, 0.2, 0.8]))
         med, p20, p80 = do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
                                  grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
         return med, p20, p80
-    fn()  # warm-up
-    reps, times, t_end = 0, [], time.perf_counter() + (1.0 if quick else 5.0)
-    while reps < 3 or (time.perf_counter() < t_end and reps < 50):
+    if warmup:
+        fn()
+    times, t_end = [], time.perf_counter() + (1.0 if quick else 5.0)
+    while (len(times) < reps if reps is not None
+           else len(times) < 3 or (time.perf_counter() < t_end and len(times) < 50)):
         if grad_to_none:
             for t in grad_to_none:
                 t.grad = None
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-        reps += 1
     times.sort()
     q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
     return statistics.median(times), q(0.2), q(0.8)
@@ -313,6 +333,10 @@ class Case:
     providers: list
     modes: tuple = ("fwd", "fwd+bwd")
 
+    def n_measurements(self, modes=None) -> int:
+        """How many (mode, provider) measurements ``run_case`` makes."""
+        return len(modes or self.modes) * len(self.providers)
+
 
 @dataclasses.dataclass
 class Row:
@@ -331,22 +355,66 @@ class Row:
     speedup: float
     vs_fp32: float = float("nan")
     note: str = ""
+    baseline: bool = False
+    flop_peak: float = float("nan")     # achieved FLOP/s over the device's peak FLOP/s
+
+
+class Log:
+    """Numbered lines for a benchmark run on ``stream`` (stderr by default), with a progress bar
+    over the ``total`` measurements below them (``varformer._progress.Progress``: drawn only
+    when the stream is a TTY)."""
+
+    COLUMNS = (f"{'#':>7}  {'shape':<34} {'mode':<8} {'provider':<24} {'dtype':<8} "
+               f"{'median':>12}  {'peak mem':>12}  note")
+
+    def __init__(self, total: int, stream=None, desc: str = "bench", enabled=None):
+        from varformer._progress import Progress
+        self.stream = sys.stderr if stream is None else stream
+        self.total, self.i = total, 0
+        self.progress = Progress(total, desc, self.stream, enabled=enabled, min_interval=0.0)
+
+    def write(self, text: str) -> None:
+        if self.progress.enabled:
+            text = "\r\x1b[K" + text      # over the bar; the next update draws it again
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def header(self, text: str) -> None:
+        """An unnumbered heading line followed by the column names."""
+        self.write(text)
+        self.write(self.COLUMNS)
+
+    def measurement(self, text: str) -> None:
+        """One numbered line per measurement; advances the bar."""
+        self.i += 1
+        width = len(str(self.total))
+        self.write(f"[{self.i:>{width}}/{self.total}] {text}")
+        self.progress.update()
+
+    def close(self) -> None:
+        self.progress.close()
 
 
 def run_case(case: Case, device: str, modes=None, quick=False,
              log: Callable[[str], None] = print) -> list[Row]:
+    """Measure every provider of ``case`` in every mode; ``log`` gets one line per measurement.
+    Speed-ups are against the baseline provider of the same dtype (and of fp32)."""
     peaks = device_peaks(device)
     modes = modes or case.modes
+    tiny = smoke()
     rows = []
     for mode in modes:
         base_ms = {}
         mode_rows = []
         for prov in case.providers:
+            t_start = time.perf_counter()
             try:
                 fn, grads = prov.make(mode)
                 fn()  # warm-up: one-time allocations (thread pools, compilation) stay out
-                peak = peak_memory_mb(fn, device)
-                ms, p20, p80 = time_ms(fn, device, grads, quick)
+                # peak memory: least of 3 calls (1 when quick); the calls also warm the timing
+                peak = peak_memory_mb(fn, device, calls=1 if tiny or quick else 3)
+                ms, p20, p80 = time_ms(fn, device, grads, quick, reps=1 if tiny else None,
+                                       warmup=False)
                 note = ""
             except Exception as exc:  # an OOM or unsupported baseline is a result, not a crash
                 ms = p20 = p80 = peak = float("nan")
@@ -357,17 +425,22 @@ def run_case(case: Case, device: str, modes=None, quick=False,
                 if device == "cuda":
                     torch.cuda.empty_cache()
             fl, nb = case.flops(mode), case.nbytes(mode, prov.dtype)
-            tfl = fl / (ms * 1e-3) / 1e12 if ms == ms else float("nan")
-            gbs = nb / (ms * 1e-3) / 1e9 if ms == ms else float("nan")
-            roof = (peaks.ideal_seconds(fl, nb, prov.dtype) / (ms * 1e-3)
-                    if peaks and ms == ms else float("nan"))
+            ok = ms == ms and ms > 0
+            tfl = fl / (ms * 1e-3) / 1e12 if ok else float("nan")
+            gbs = nb / (ms * 1e-3) / 1e9 if ok else float("nan")
+            roof = peaks.ideal_seconds(fl, nb, prov.dtype) / (ms * 1e-3) if peaks and ok \
+                else float("nan")
+            fpk = tfl * 1e12 / peaks.flops[prov.dtype] if peaks and prov.dtype in peaks.flops \
+                else float("nan")
             row = Row(case.op, case.shape, mode, prov.name, str(prov.dtype).replace("torch.", ""),
-                      ms, p20, p80, peak, tfl, gbs, roof, float("nan"), note=note)
+                      ms, p20, p80, peak, tfl, gbs, roof, float("nan"), note=note,
+                      baseline=prov.baseline, flop_peak=fpk)
             if prov.baseline:
                 base_ms[row.dtype] = ms
             mode_rows.append(row)
-            log(f"  {case.shape:<34} {mode:<8} {prov.name:<22} {row.dtype:<8} "
-                f"{ms:9.3f} ms  {peak:9.1f} MB {note}")
+            took = time.perf_counter() - t_start
+            log(f"{case.shape:<34} {mode:<8} {prov.name:<24} {row.dtype:<8} "
+                f"{_f(ms, '9.3f'):>9} ms  {_f(peak, '9.1f'):>9} MB  ({took:.1f} s) {note}")
         for r in mode_rows:
             b, b32 = base_ms.get(r.dtype), base_ms.get("float32")
             r.speedup = b / r.ms if b and r.ms == r.ms else float("nan")
@@ -376,11 +449,156 @@ def run_case(case: Case, device: str, modes=None, quick=False,
     return rows
 
 
+# ------------------------------------------------------------------------------ background load
+_BUSY_CHILD = r"""
+import ctypes, hashlib, os, signal, sys, threading
+parent, n = int(sys.argv[1]), int(sys.argv[2])
+try:                       # Linux: SIGKILL this process when the parent dies, however it dies
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+except Exception:
+    pass
+if os.getppid() != parent:
+    os._exit(0)
+buf = os.urandom(1 << 20)
+def spin():                # hashing a 1 MiB buffer releases the GIL: one busy core per thread
+    while True:
+        hashlib.sha256(buf).digest()
+for _ in range(n - 1):
+    threading.Thread(target=spin, daemon=True).start()
+while True:                # this thread spins too and exits if the parent has gone
+    for _ in range(64):
+        hashlib.sha256(buf).digest()
+    if os.getppid() != parent:
+        os._exit(0)
+"""
+
+
+class BackgroundLoad:
+    """``n`` background processes, each keeping ``threads`` threads busy (SHA-256 of a 1 MiB
+    buffer in a loop, which holds a core per thread), for reproducing a busy machine.
+
+    Use as a context manager; the processes are killed on exit, on exceptions and Ctrl-C, at
+    interpreter exit (atexit), on SIGTERM to this process (while it is active in the main
+    thread), and by the kernel if this process is killed outright (``PR_SET_PDEATHSIG``); each
+    child also exits by itself when its parent is gone."""
+
+    def __init__(self, n: int, threads: int | None = None):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"BackgroundLoad: n must be a non-negative int, got {n!r}")
+        self.n = n
+        self.threads = max(1, int(threads if threads is not None else torch.get_num_threads()))
+        self.procs: list = []
+        self._old_term = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def describe(self) -> str:
+        if not self.n:
+            return "none"
+        return f"--load {self.n} ({self.n} processes x {self.threads} busy threads)"
+
+    def start(self) -> "BackgroundLoad":
+        import atexit
+        import signal
+        import subprocess
+        import threading
+        atexit.register(self.stop)
+        if self.n and threading.current_thread() is threading.main_thread():
+            def on_term(signum, frame):
+                raise SystemExit(128 + signum)
+            self._old_term = signal.signal(signal.SIGTERM, on_term)
+        for _ in range(self.n):
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-c", _BUSY_CHILD, str(os.getpid()), str(self.threads)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return self
+
+    def stop(self) -> None:
+        import signal
+        procs, self.procs = self.procs, []
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except Exception:
+                pass
+        if self._old_term is not None:
+            try:
+                signal.signal(signal.SIGTERM, self._old_term)
+            except ValueError:      # not in the main thread any more
+                pass
+            self._old_term = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+def _proc_stat():
+    """(busy, total) CPU seconds summed over all CPUs from ``/proc/stat``; None if unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)      # idle + iowait
+    total = sum(vals[:8])                                     # guest time is counted in user
+    return (total - idle) / tick, total / tick
+
+
+class LoadMeter:
+    """How busy the machine was while we ran: the load average at the start and the end, and
+    the CPU time other processes (``--load`` ones included) used, from ``/proc/stat`` minus
+    this process's own CPU time, as a number of CPUs kept busy on average."""
+
+    def __init__(self):
+        self.start_loadavg = loadavg()
+        self._stat = _proc_stat()
+        self._own = _own_cpu_seconds()
+
+    def other_cpus(self) -> float:
+        """Average number of CPUs other processes kept busy since the start."""
+        end = _proc_stat()
+        if not self._stat or not end or end[1] <= self._stat[1]:
+            return float("nan")
+        ncpu = os.cpu_count() or 1
+        wall_cpu = end[1] - self._stat[1]                 # CPU-seconds available in all
+        other = (end[0] - self._stat[0]) - (_own_cpu_seconds() - self._own)
+        return max(0.0, other) / wall_cpu * ncpu
+
+    def describe(self) -> str:
+        la0, la1 = self.start_loadavg, loadavg()
+        return (f"load average (1 min) {la0[0]:.2f} at start, {la1[0]:.2f} at end; other "
+                f"processes kept {_f(self.other_cpus(), '.2f')} of {os.cpu_count()} CPUs busy "
+                f"on average during the run")
+
+
+def loadavg():
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (float("nan"),) * 3
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 # ------------------------------------------------------------------------------ output
 _COLS = [f.name for f in dataclasses.fields(Row)]
 
 
 def write_csv(rows: list[Row], path: str, meta: dict) -> None:
+    """Append ``rows`` to ``path`` (header on creation), each row followed by ``meta``."""
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         w = csv.writer(f)
@@ -394,56 +612,170 @@ def _f(x: float, fmt: str) -> str:
     return "-" if x != x else format(x, fmt)
 
 
-def markdown(rows: list[Row]) -> str:
-    head = ("| op | shape | mode | provider | dtype | median ms (p20–p80) | vs eager same dtype | "
-            "vs eager fp32 | peak MB | TFLOP/s | GB/s | roofline |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
-    out = [head]
-    for r in rows:
-        spread = f"{_f(r.ms, '.3f')} ({_f(r.p20, '.3f')}–{_f(r.p80, '.3f')})"
-        roof = "-" if r.roofline != r.roofline else f"{100 * r.roofline:.0f}%"
-        out.append(f"| {r.op} | {r.shape} | {r.mode} | {r.provider} | {r.dtype} | {spread} | "
-                   f"{_f(r.speedup, '.2f')}× | {_f(r.vs_fp32, '.2f')}× | {_f(r.peak_mb, '.1f')} | {_f(r.tflops, '.2f')} | "
-                   f"{_f(r.gbps, '.0f')} | {roof} |" + (f" {r.note}" if r.note else ""))
+def _pct(x: float) -> str:
+    """A fraction as a percentage with two significant digits (``0.0031%``, ``7.7%``, ``85%``)."""
+    return "-" if x != x else f"{100 * x:.2g}%"
+
+
+def markdown(rows: list[Row], device: str | None = None) -> str:
+    """Markdown table of ``rows``. FLOP/s are GFLOP/s on CPU, TFLOP/s on CUDA; columns with no
+    value in any row (e.g. FLOP/s of the model) are left out, as is "vs eager fp32" where every
+    row is fp32."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    giga = device != "cuda"
+    cols = [("op", lambda r: r.op), ("shape", lambda r: r.shape), ("mode", lambda r: r.mode),
+            ("provider", lambda r: r.provider), ("dtype", lambda r: r.dtype),
+            ("median ms (p20–p80)",
+             lambda r: f"{_f(r.ms, '.3f')} ({_f(r.p20, '.3f')}–{_f(r.p80, '.3f')})"),
+            ("vs eager same dtype", lambda r: "-" if r.speedup != r.speedup
+             else f"{r.speedup:.2f}×"),
+            ("vs eager fp32", lambda r: "-" if r.vs_fp32 != r.vs_fp32 else f"{r.vs_fp32:.2f}×"),
+            ("peak MB", lambda r: _f(r.peak_mb, ".1f")),
+            ("GFLOP/s" if giga else "TFLOP/s",
+             lambda r: _f(r.tflops * 1e3, ".3g") if giga else _f(r.tflops, ".2f")),
+            ("% FLOP peak", lambda r: _pct(r.flop_peak)),
+            ("GB/s", lambda r: _f(r.gbps, ".3g") if giga else _f(r.gbps, ".0f")),
+            ("roofline", lambda r: _pct(r.roofline)),
+            ("note", lambda r: r.note)]
+    cells = [[fn(r) for _, fn in cols] for r in rows]
+    keep = []
+    for j, (name, _) in enumerate(cols):
+        vals = [c[j] for c in cells]
+        if j >= 6 and all(v in ("-", "") for v in vals):
+            continue
+        if name == "vs eager fp32" and all(r.dtype == "float32" for r in rows):
+            continue
+        keep.append(j)
+    out = ["| " + " | ".join(cols[j][0] for j in keep) + " |",
+           "|" + "---|" * len(keep)]
+    out += ["| " + " | ".join(c[j] for j in keep) + " |" for c in cells]
     return "\n".join(out)
 
 
-def plot(rows: list[Row], path: str) -> bool:
-    """Bar chart of speed-ups per shape and provider (one figure per op). False if no matplotlib."""
+def _geomean(xs) -> float:
+    xs = [x for x in xs if x == x and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def summary(rows: list[Row]) -> list[str]:
+    """One line per op: the geometric-mean speed-up of each provider over its baseline (same
+    dtype) per mode, over the shapes measured."""
+    lines = []
+    for op in dict.fromkeys(r.op for r in rows):
+        op_rows = [r for r in rows if r.op == op]
+        base = next((r.provider for r in op_rows if r.baseline), "the baseline")
+        parts = []
+        for mode in dict.fromkeys(r.mode for r in op_rows):
+            provs = []
+            for key in dict.fromkeys((r.provider, r.dtype) for r in op_rows
+                                     if r.mode == mode and not r.baseline):
+                sel = [r for r in op_rows if r.mode == mode and (r.provider, r.dtype) == key]
+                g = _geomean(r.speedup for r in sel)
+                dt = "" if all(r.dtype == "float32" for r in op_rows) else f" {key[1]}"
+                provs.append(f"{key[0]}{dt} {_f(g, '.2f')}×")
+            parts.append(f"{mode}: " + ", ".join(provs))
+        n = len({r.shape for r in op_rows})
+        lines.append(f"summary {op} — geometric-mean speed-up vs {base} over {n} shape"
+                     f"{'s' if n != 1 else ''}: " + "; ".join(parts))
+    return lines
+
+
+def plot(rows: list[Row], path: str, device: str | None = None,
+         device_name: str | None = None) -> bool:
+    """Bar chart of the speed-ups over the baseline (one panel per op, grouped by shape and
+    mode), values on the bars, a line at 1×. False if matplotlib is missing or nothing to plot."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
     except Exception:
         return False
-    keys = sorted({(r.shape, r.mode) for r in rows})
-    provs = sorted({f"{r.provider} {r.dtype}" for r in rows})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys) * max(1, len(provs)) / 3), 4))
-    width = 0.8 / max(1, len(provs))
-    for i, p in enumerate(provs):
-        vals = []
-        for k in keys:
-            m = [r.speedup for r in rows if (r.shape, r.mode) == k and f"{r.provider} {r.dtype}" == p]
-            vals.append(m[0] if m and m[0] == m[0] else 0)
-        ax.bar([j + i * width for j in range(len(keys))], vals, width, label=p)
-    ax.set_xticks([j + 0.4 for j in range(len(keys))])
-    ax.set_xticklabels([f"{s}\n{m}" for s, m in keys], fontsize=6)
-    ax.set_ylabel("speed-up vs eager (same dtype)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=6)
-    ax.set_title(rows[0].op if rows else "")
+    bases = {}
+    for r in rows:
+        if r.baseline:
+            bases.setdefault(r.op, r.provider)
+    rows = [r for r in rows if not r.baseline]
+    ops = list(dict.fromkeys(r.op for r in rows))
+    if not ops:
+        return False
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = device_name or describe_device(device)
+    heights, layout = [], []
+    for op in ops:
+        op_rows = [r for r in rows if r.op == op]
+        keys = list(dict.fromkeys((r.shape, r.mode) for r in op_rows))
+        provs = list(dict.fromkeys((r.provider, r.dtype) for r in op_rows))
+        layout.append((op, op_rows, keys, provs))
+        heights.append(max(2.0, 0.25 * len(keys) * len(provs) + 1.4))
+    fig, axes = plt.subplots(len(ops), 1, figsize=(11, sum(heights)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (op, op_rows, keys, provs) in zip(axes[:, 0], layout):
+        dtypes = sorted({r.dtype for r in op_rows})
+        bar_h = 0.8 / len(provs)
+        vals = [r.speedup for r in op_rows if r.speedup == r.speedup and r.speedup > 0]
+        lo, hi = (min(vals), max(vals)) if vals else (1.0, 1.0)
+        log_axis = hi / max(lo, 1e-9) > 20
+        for i, (prov, dt) in enumerate(provs):
+            ys, xs = [], []
+            for j, k in enumerate(keys):
+                m = [r for r in op_rows if (r.shape, r.mode) == k and (r.provider, r.dtype)
+                     == (prov, dt)]
+                if m and m[0].speedup == m[0].speedup:
+                    ys.append(j + i * bar_h)
+                    xs.append(m[0].speedup)
+            label = prov if len(dtypes) == 1 else f"{prov} ({dt})"
+            bars = ax.barh(ys, xs, bar_h, label=label)
+            ax.bar_label(bars, labels=[f"{x:.2f}×" for x in xs], padding=2, fontsize=7)
+        ax.axvline(1.0, color="black", linewidth=1, linestyle="--",
+                   label=f"1× = {bases.get(op, 'the baseline')}")
+        ax.set_yticks([j + 0.4 - bar_h / 2 for j in range(len(keys))])
+        ax.set_yticklabels([f"{s}  [{m}]" for s, m in keys], fontsize=7)
+        ax.invert_yaxis()
+        if log_axis:
+            ax.set_xscale("log")
+            ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200)
+                     if lo / 2 <= t <= hi * 2] or [1]
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xlim(min(lo, 1) / 1.5, max(hi, 1) * 2.5)
+        else:
+            ax.set_xlim(0, max(hi, 1) * 1.25)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}×"))
+        base = bases.get(op, "the baseline")
+        ax.set_xlabel(f"speed-up = median time of {base} / median time (same dtype); "
+                      f"> 1× is faster" + (", log scale" if log_axis else ""), fontsize=8)
+        ax.set_title(f"{op}: speed-up over {base}, median time\n{device_name}, "
+                     f"{', '.join(dtypes)}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 
 
-def metadata(device: str, command: str) -> dict:
+def metadata(device: str, command: str, load: "BackgroundLoad | None" = None) -> dict:
+    """What every table states: date, device, CPU model, ISA, threads, background load and the
+    load average, peak model, torch/triton versions, command."""
     try:
         import triton
         tv = triton.__version__
     except Exception:
         tv = "absent"
-    return {"date": _dt.date.today().isoformat(), "device": describe_device(device),
-            "torch": torch.__version__, "triton": tv,
-            "command": command}
+    info = cpu_info()
+    la = info["loadavg"]
+    return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": describe_device(device), "cpu": info["model"], "isa": info["simd"],
+            "isa_flags": " ".join(info["isa"]), "threads": info["threads"],
+            "load": load.describe() if load is not None else "none",
+            "loadavg": f"{la[0]:.2f} {la[1]:.2f} {la[2]:.2f}",
+            "cpu_peak": f"est. {info['peak_gflops_fp32']:.0f} GFLOP/s fp32 "
+                        f"({info['peak_formula']})",
+            "torch": torch.__version__, "triton": tv, "command": command}
+
+
+def metadata_lines(meta: dict) -> list[str]:
+    """``meta`` as markdown list lines."""
+    return [f"- {k}: {v}" if k != "command" else f"- command: `{v}`" for k, v in meta.items()]

@@ -12,6 +12,20 @@ OPS = {"mediator_attention": "varformer.benchmarks.bench_mediator_attention",
        "model": "varformer.benchmarks.bench_model"}
 
 
+def _bench_command(args, device: str, smoke: bool) -> str:
+    """The command line that reproduces this run."""
+    parts = ["VARFORMER_BENCH_SMOKE=1"] if smoke else []
+    parts += ["varformer", "bench"]
+    for flag, val in (("--op", args.op), ("--device", device), ("--dtype", args.dtype),
+                      ("--threads", args.threads), ("--load", args.load or None),
+                      ("--out", args.out)):
+        if val is not None:
+            parts += [flag, str(val)]
+    if args.quick:
+        parts.append("--quick")
+    return " ".join(parts)
+
+
 def _bench(args) -> int:
     import torch
 
@@ -28,52 +42,91 @@ def _bench(args) -> int:
 
     from varformer.benchmarks import harness
 
+    def fail(msg):
+        print(f"varformer bench: {msg}", file=sys.stderr)
+        return 2
+
+    if args.threads is not None:
+        if args.threads < 1:
+            return fail(f"--threads must be at least 1, got {args.threads}")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)   # for OpenMP runtimes loaded later
+        torch.set_num_threads(args.threads)
+    if args.load < 0:
+        return fail(f"--load must be 0 or more busy processes, got {args.load}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        print("varformer bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
+        return fail("--device cuda but torch sees no CUDA device")
     ops = [args.op] if args.op else list(OPS)
     for op in ops:
         if op not in OPS:
-            print(f"varformer bench: unknown --op {op!r}; choose from {', '.join(OPS)}",
-                  file=sys.stderr)
-            return 2
+            return fail(f"unknown --op {op!r}; choose from {', '.join(OPS)}")
     dtypes = None
     if args.dtype:
-        dtypes = [getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-                          .get(x, x)) for x in args.dtype.split(",")]
-    command = "varformer " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("varformer") \
-        else "varformer bench " + " ".join(a for a in (args.op and f"--op {args.op}",
-                                                        f"--device {device}",
-                                                        args.quick and "--quick") if a)
-    meta = harness.metadata(device, command)
-    print(f"# varformer bench — {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
-          f"{meta['date']}")
-    all_rows = []
+        names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+        dtypes = []
+        for x in args.dtype.split(","):
+            dt = getattr(torch, names.get(x.strip(), x.strip()), None)
+            if not isinstance(dt, torch.dtype):
+                return fail(f"--dtype expects a comma list of bf16, fp16, fp32; got {x!r}")
+            dtypes.append(dt)
+    smoke = harness.smoke()
+    quick = args.quick or smoke
+
+    plan = []
     for op in ops:
-        mod = importlib.import_module(OPS[op])
-        rows = []
-        csv_path = os.path.join(args.out, f"{op}_{device}.csv") if args.out else None
-        if csv_path:
-            os.makedirs(args.out, exist_ok=True)
-            if os.path.exists(csv_path):
-                os.remove(csv_path)
-        for case in mod.cases(device, quick=args.quick, dtypes=dtypes):
-            case_rows = harness.run_case(case, device, quick=args.quick,
-                                         log=(lambda s: print(s, file=sys.stderr)))
-            if csv_path:  # written per shape, so an interrupted run keeps what it measured
-                harness.write_csv(case_rows, csv_path, meta)
-            rows += case_rows
-        all_rows += rows
+        cases = list(importlib.import_module(OPS[op]).cases(device, quick=quick, dtypes=dtypes))
+        if smoke:   # one case per op name (a module may bench several ops)
+            seen = set()
+            cases = [c for c in cases if not (c.op in seen or seen.add(c.op))]
+        plan.append((op, cases))
+    total = sum(c.n_measurements() for _, cases in plan for c in cases)
+
+    with harness.BackgroundLoad(args.load, torch.get_num_threads()) as load:
+        meter = harness.LoadMeter()
+        meta = harness.metadata(device, _bench_command(args, device, smoke), load)
+        head = ["# varformer bench", ""] + harness.metadata_lines(meta)
+        print("\n".join(head), flush=True)
         if args.out:
-            harness.plot(rows, os.path.join(args.out, f"{op}_{device}.png"))
-    table = harness.markdown(all_rows)
-    print(table)
+            os.makedirs(args.out, exist_ok=True)
+        log = harness.Log(total, desc="varformer bench")
+        sections, done = [], 0
+        try:
+            for op, cases in plan:
+                log.header(f"## {op}: {len(cases)} shape{'s' if len(cases) != 1 else ''}, "
+                           f"{sum(c.n_measurements() for c in cases)} measurements")
+                csv_path = os.path.join(args.out, f"{op}_{device}.csv") if args.out else None
+                if csv_path and os.path.exists(csv_path):
+                    os.remove(csv_path)
+                rows = []
+                for case in cases:
+                    case_rows = harness.run_case(case, device, quick=quick,
+                                                 log=log.measurement)
+                    if csv_path:  # written per shape: an interrupted run keeps what it measured
+                        meta["loadavg"] = "{:.2f} {:.2f} {:.2f}".format(*harness.loadavg())
+                        harness.write_csv(case_rows, csv_path, meta)
+                    rows += case_rows
+                text = "\n".join([f"## {op}", "", harness.markdown(rows, device), ""]
+                                 + harness.summary(rows))
+                sections.append(text)
+                log.write("")   # the bar ends above the table
+                print("\n" + text, flush=True)
+                if args.out and rows:
+                    harness.plot(rows, os.path.join(args.out, f"{op}_{device}.png"), device,
+                                 meta["device"])
+                done += 1
+        except KeyboardInterrupt:
+            log.close()
+            print(f"varformer bench: interrupted during {plan[done][0]} after {log.i} of {total}"
+                  " measurements" + (f"; finished ops are in {args.out}" if args.out else ""),
+                  file=sys.stderr)
+            return 130
+        finally:
+            log.close()
+        footer = f"- machine load during the run: {meter.describe()}"
+        print("\n" + footer)
     if args.out:
         with open(os.path.join(args.out, f"bench_{device}.md"), "w") as f:
-            f.write(f"# varformer bench\n\n- date: {meta['date']}\n- device: {meta['device']}\n"
-                    f"- torch {meta['torch']}, triton {meta['triton']}\n- command: "
-                    f"`{meta['command']}`\n\n{table}\n")
+            f.write("\n".join(head) + "\n" + footer + "\n\n" + "\n\n".join(sections) + "\n")
     return 0
 
 
@@ -199,13 +252,30 @@ def main(argv=None) -> int:
                                 "varformer eval --help")
     d = sub.add_parser("data", help="dataset tools: varformer data check CONFIG")
     d.add_argument("action", choices=["check"])
-    b = sub.add_parser("bench", help="benchmark the fused ops against eager PyTorch")
+    b = sub.add_parser(
+        "bench", help="benchmark the fused ops against eager PyTorch",
+        description="Benchmark the fused ops (and the model) against eager PyTorch: per shape, "
+                    "mode and implementation the median time, peak memory and speed-up, then a "
+                    "one-line summary per op. Numbered lines and a progress bar go to stderr, "
+                    "the tables (with CPU model, ISA, threads, load, versions, date and the "
+                    "command) to stdout.",
+        epilog="Environment: VARFORMER_BENCH_SMOKE=1 runs one tiny case per op with a single "
+               "repetition (implies --quick; for end-to-end tests, not for numbers).")
     b.add_argument("--op", help=f"one of: {', '.join(OPS)} (default: all)")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
-    b.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    b.add_argument("--quick", action="store_true",
+                   help="a few shapes and about 1 s of repetitions per measurement (a few "
+                        "minutes for all ops on a 2-core CPU); without it: the full set of "
+                        "shapes and implementations, 5 s per measurement")
     b.add_argument("--dtype", help="comma list of bf16,fp16,fp32 (default: bf16,fp32 on cuda, "
                                    "fp32 on cpu)")
-    b.add_argument("--out", help="folder for CSV, markdown and plots")
+    b.add_argument("--threads", type=int, metavar="N",
+                   help="torch / OpenMP threads (default: torch's default)")
+    b.add_argument("--load", type=int, default=0, metavar="N",
+                   help="run N background busy processes for the whole run, each with as many "
+                        "busy threads as the benchmark uses (hashing in a loop): reproduces an "
+                        "oversubscribed machine; they are killed when the run ends")
+    b.add_argument("--out", help="folder for CSV, markdown and plots (one PNG per op)")
     b.add_argument("--compile-report", action="store_true",
                    help="compile every Triton kernel for sm_90a/sm_80 ahead of time and print "
                         "registers, spills and shared memory per kernel and config")

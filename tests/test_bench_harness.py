@@ -1,0 +1,345 @@
+"""The benchmark harness: CPU peak model, background load, tables, summary, plots, and a smoke
+run of `varformer bench` end to end."""
+import csv
+import io
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from varformer import cli
+from varformer.benchmarks import harness
+
+# ------------------------------------------------------------------------------ fake cpuinfo
+
+
+def _cpuinfo(n, model, flags, mhz="2000.000", vendor="GenuineIntel", bogomips="4000.00",
+             cores_per_pkg=None, siblings_per_core=1):
+    """/proc/cpuinfo text of ``n`` logical CPUs; ``siblings_per_core`` logical CPUs share a
+    core id. ``mhz=None`` leaves out the 'cpu MHz' line."""
+    blocks = []
+    for i in range(n):
+        lines = [f"processor\t: {i}", f"vendor_id\t: {vendor}", f"model name\t: {model}"]
+        if mhz is not None:
+            lines.append(f"cpu MHz\t\t: {mhz}")
+        lines += ["physical id\t: 0", f"core id\t\t: {i // siblings_per_core}",
+                  f"flags\t\t: {flags}", f"bogomips\t: {bogomips}"]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+AVX512 = "fpu sse sse2 sse4_1 sse4_2 avx fma avx2 avx512f avx512bw avx512vl avx512_bf16"
+AVX2 = "fpu sse sse2 sse4_1 sse4_2 avx fma avx2"
+
+
+@pytest.fixture
+def no_sysfs(tmp_path):
+    return str(tmp_path / "nosys")      # no cpufreq: the clock comes from cpuinfo text
+
+
+def test_peak_avx512_two_cores(no_sysfs):
+    info = harness.cpu_peak_model(_cpuinfo(2, "Intel(R) Xeon(R) Processor", AVX512), None, None,
+                                  sys_root=no_sysfs)
+    assert info["simd"] == "avx512" and info["lanes"] == 16 and info["cores"] == 2
+    assert info["peak_gflops_fp32"] == pytest.approx(2 * 2 * 16 * 2 * 2.0)
+    assert info["ghz_source"] == "cpuinfo 'cpu MHz'"
+    assert info["isa"][:3] == ["avx512f", "avx512bw", "avx512vl"] and "avx2" in info["isa"]
+    assert "2 cores x 2 FMA units x 16 lanes x 2 FLOP x 2.00 GHz" in info["peak_formula"]
+
+
+def test_peak_avx2_smt_threads_and_affinity(no_sysfs):
+    """4 logical CPUs on 2 cores (SMT): peak counts cores, capped by threads and affinity."""
+    text = _cpuinfo(4, "AMD EPYC 7B13", AVX2, mhz="3050.000", vendor="AuthenticAMD",
+                    siblings_per_core=2)
+    full = harness.cpu_peak_model(text, None, None, sys_root=no_sysfs)
+    assert (full["simd"], full["lanes"], full["logical_cpus"], full["cores"]) == \
+        ("avx2+fma", 8, 4, 2)
+    assert full["peak_gflops_fp32"] == pytest.approx(2 * 2 * 8 * 2 * 3.05)
+    one = harness.cpu_peak_model(text, None, 1, sys_root=no_sysfs)
+    assert one["cores_used"] == 1 and one["peak_gflops_fp32"] == pytest.approx(
+        full["peak_gflops_fp32"] / 2)
+    # four threads on two cores add nothing; CPUs 0 and 1 are one core
+    assert harness.cpu_peak_model(text, None, 4, sys_root=no_sysfs)["cores_used"] == 2
+    assert harness.cpu_peak_model(text, [0, 1], None, sys_root=no_sysfs)["cores"] == 1
+
+
+def test_peak_clock_fallbacks_and_old_isas(no_sysfs, tmp_path):
+    # no 'cpu MHz': the model name's clock, then bogomips / 2
+    named = harness.cpu_peak_model(_cpuinfo(1, "Intel(R) Core(TM) i7 CPU @ 3.40GHz", AVX2,
+                                            mhz=None), sys_root=no_sysfs)
+    assert (named["ghz"], named["ghz_source"]) == (3.4, "model name")
+    bogo = harness.cpu_peak_model(_cpuinfo(1, "Some CPU", AVX2, mhz=None, bogomips="5000.00"),
+                                  sys_root=no_sysfs)
+    assert (bogo["ghz"], bogo["ghz_source"]) == (2.5, "bogomips / 2")
+    # cpufreq's maximum wins over cpuinfo when present
+    (tmp_path / "sys" / "cpu0" / "cpufreq").mkdir(parents=True)
+    (tmp_path / "sys" / "cpu0" / "cpufreq" / "cpuinfo_max_freq").write_text("3700000\n")
+    turbo = harness.cpu_peak_model(_cpuinfo(1, "X", AVX2), sys_root=str(tmp_path / "sys"))
+    assert (turbo["ghz"], turbo["ghz_source"]) == (3.7, "cpufreq max")
+    # AVX without FMA: multiply and add are separate instructions
+    avx = harness.cpu_peak_model(_cpuinfo(1, "X", "sse sse2 avx"), sys_root=no_sysfs)
+    assert avx["simd"] == "avx (no fma)" and avx["peak_gflops_fp32"] == pytest.approx(2 * 8 * 2.0)
+    sse = harness.cpu_peak_model(_cpuinfo(1, "X", "sse sse2"), sys_root=no_sysfs)
+    assert sse["lanes"] == 4
+    # AMD Zen 4 runs AVX-512 on a 256-bit datapath; Zen 5 (vp2intersect) natively
+    zen4 = harness.cpu_peak_model(_cpuinfo(1, "AMD EPYC 9654", AVX512, vendor="AuthenticAMD"),
+                                  sys_root=no_sysfs)
+    zen5 = harness.cpu_peak_model(_cpuinfo(1, "AMD EPYC 9755", AVX512 + " avx512_vp2intersect",
+                                           vendor="AuthenticAMD"), sys_root=no_sysfs)
+    assert (zen4["lanes"], zen5["lanes"]) == (8, 16)
+
+
+def test_cpu_info_of_this_machine():
+    info = harness.cpu_info(bandwidth=False)
+    assert info["threads"] == torch.get_num_threads()
+    assert info["peak_gflops_fp32"] > 0 and info["model"] and len(info["loadavg"]) == 3
+    assert harness.cpu_info(threads=1)["cores_used"] == 1
+    assert harness.memory_bandwidth_gbs(mib=8) > 0
+    peaks = harness.device_peaks("cpu")
+    assert peaks.flops[torch.float32] == pytest.approx(info["peak_gflops_fp32"] * 1e9)
+    assert peaks.bandwidth > 0
+
+
+# ------------------------------------------------------------------------------ background load
+
+
+def _alive(pid):
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pids, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
+def _threads(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(ln for ln in f if ln.startswith("Threads:")).split()[1])
+
+
+def _cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_background_load_starts_busy_processes_and_stops_them():
+    with harness.BackgroundLoad(2, threads=2) as load:
+        pids = load.pids
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        end = time.monotonic() + 10
+        while time.monotonic() < end and not all(_threads(p) == 2 for p in pids):
+            time.sleep(0.05)
+        assert [_threads(p) for p in pids] == [2, 2]
+        t0 = [_cpu_ticks(p) for p in pids]
+        time.sleep(0.5)
+        assert all(_cpu_ticks(p) > t for p, t in zip(pids, t0))     # they do burn CPU
+        assert load.describe() == "--load 2 (2 processes x 2 busy threads)"
+    assert _wait_gone(pids) == []
+    assert harness.BackgroundLoad(0).describe() == "none"
+    with pytest.raises(ValueError, match="non-negative int"):
+        harness.BackgroundLoad(-1)
+
+
+def test_background_load_stops_on_exception():
+    with pytest.raises(RuntimeError):
+        with harness.BackgroundLoad(1, threads=1) as load:
+            pids = load.pids
+            raise RuntimeError("boom")
+    assert _wait_gone(pids) == []
+
+
+_PARENT = """
+import sys, time
+from varformer.benchmarks.harness import BackgroundLoad
+load = BackgroundLoad(2, 1).start()
+print(" ".join(map(str, load.pids)), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_background_load_leaves_no_orphans(sig):
+    """Ctrl-C, SIGTERM or SIGKILL of the benchmark process: its busy processes die too."""
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        parent.send_signal(sig)
+        parent.wait(timeout=30)
+        assert _wait_gone(pids) == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+# ------------------------------------------------------------------------------ tables, plots
+
+
+def _row(op, shape, mode, prov, ms, base_ms, baseline=False, flops=1e9):
+    r = harness.Row(op, shape, mode, prov, "float32", ms, ms, ms, 1.0, flops / ms / 1e9,
+                    float("nan"), float("nan"), base_ms / ms, baseline=baseline,
+                    flop_peak=flops / (ms * 1e-3) / 1e11)
+    return r
+
+
+def _rows():
+    out = []
+    for shape, base, fused in (("s1", 10.0, 5.0), ("s2", 10.0, 1.25)):
+        for mode in ("fwd", "fwd+bwd"):
+            out.append(_row("op_a", shape, mode, "eager", base, base, baseline=True))
+            out.append(_row("op_a", shape, mode, "fused", fused, base))
+    out.append(_row("op_b", "t1", "fwd", "loop", 3.0, 3.0, baseline=True))
+    out.append(_row("op_b", "t1", "fwd", "fast", 1.0, 3.0))
+    return out
+
+
+def test_summary_is_the_geometric_mean_per_mode():
+    lines = harness.summary(_rows())
+    assert len(lines) == 2
+    # fused: 2x and 8x -> geometric mean 4x, in both modes
+    assert lines[0] == ("summary op_a — geometric-mean speed-up vs eager over 2 shapes: "
+                        "fwd: fused 4.00×; fwd+bwd: fused 4.00×")
+    assert lines[1].endswith("over 1 shape: fwd: fast 3.00×")
+
+
+def test_markdown_drops_empty_columns_and_uses_gflops_on_cpu():
+    text = harness.markdown(_rows(), "cpu")
+    head = text.splitlines()[0]
+    assert "GFLOP/s" in head and "% FLOP peak" in head
+    assert "GB/s" not in head and "roofline" not in head and "vs eager fp32" not in head
+    assert "| op_a | s2 | fwd | fused | float32 | 1.250 (1.250–1.250) | 8.00× |" in text
+    assert "TFLOP/s" in harness.markdown(_rows(), "cuda").splitlines()[0]
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "p.png"
+    assert harness.plot(_rows(), str(path), "cpu", "CPU test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert not harness.plot([r for r in _rows() if r.baseline], str(tmp_path / "q.png"), "cpu")
+
+
+def test_log_numbers_lines_and_draws_bar_only_when_asked():
+    s = io.StringIO()
+    log = harness.Log(3, stream=s)
+    log.header("## op")
+    for i in range(3):
+        log.measurement(f"m{i}")
+    log.close()
+    lines = s.getvalue().splitlines()
+    assert lines[0] == "## op" and "shape" in lines[1] and "provider" in lines[1]
+    assert lines[2:] == ["[1/3] m0", "[2/3] m1", "[3/3] m2"]
+    s = io.StringIO()
+    log = harness.Log(2, stream=s, enabled=True)
+    log.measurement("x")
+    log.close()
+    assert "[1/2] x" in s.getvalue() and "1/2" in s.getvalue().split("[1/2] x", 1)[1]
+
+
+def test_run_case_measures_and_compares(monkeypatch):
+    """A synthetic case: the slow provider is the baseline, speed-ups follow the times."""
+    def sleeper(sec):
+        return lambda mode: ((lambda: time.sleep(sec)), None)
+    case = harness.Case("toy", "n=1", lambda m: 2e6, lambda m, dt: 4e6,
+                        [harness.Provider("slow", torch.float32, sleeper(0.02), baseline=True),
+                         harness.Provider("fast", torch.float32, sleeper(0.002)),
+                         harness.Provider("broken", torch.float32,
+                                          lambda mode: (_ for _ in ()).throw(ValueError("no")))],
+                        modes=("fwd",))
+    assert case.n_measurements() == 3
+    monkeypatch.setenv("VARFORMER_BENCH_SMOKE", "1")
+    lines = []
+    rows = harness.run_case(case, "cpu", quick=True, log=lines.append)
+    assert len(rows) == len(lines) == 3
+    slow, fast, broken = rows
+    assert slow.ms >= 20 and fast.ms < slow.ms and fast.speedup > 2 and slow.speedup == 1
+    assert math.isnan(broken.ms) and broken.note == "ValueError: no"
+    assert fast.tflops == pytest.approx(2e6 / (fast.ms * 1e-3) / 1e12)
+    assert fast.flop_peak > 0 and fast.roofline > 0
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    assert cli.main(["bench", "--device", "cpu", "--load", "-1"]) == 2
+    assert "--load must be 0 or more" in capsys.readouterr().err
+    assert cli.main(["bench", "--device", "cpu", "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
+    assert cli.main(["bench", "--device", "cpu", "--dtype", "fp8"]) == 2
+    assert "--dtype expects" in capsys.readouterr().err
+
+
+def _busy_children_of(pid):
+    """Live busy processes started by ``pid`` (their command line names it as parent)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"hashlib.sha256(buf)" in b" ".join(argv) and str(pid).encode() in argv and \
+                _alive(int(d)):
+            out.append(int(d))
+    return out
+
+
+def test_bench_smoke_run_end_to_end(tmp_path):
+    """`VARFORMER_BENCH_SMOKE=1 varformer bench --quick` runs every op once, prints the
+    metadata, one table and summary per op, numbered lines on stderr, writes CSV/markdown/PNG,
+    and leaves no busy process behind."""
+    env = dict(os.environ, VARFORMER_BENCH_SMOKE="1")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "varformer", "bench", "--quick", "--device",
+                             "cpu", "--threads", "1", "--load", "1", "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+    for key in ("date", "device", "cpu", "isa", "threads", "load", "loadavg", "cpu_peak",
+                "torch", "triton", "command"):
+        assert f"\n- {key}: " in stdout
+    assert "\n- threads: 1\n" in stdout
+    assert "\n- load: --load 1 (1 processes x 1 busy threads)\n" in stdout
+    assert f"- torch: {torch.__version__}" in stdout
+    assert "- command: `VARFORMER_BENCH_SMOKE=1 varformer bench --device cpu --threads 1 " \
+           "--load 1 --out" in stdout
+    assert "machine load during the run: load average" in stdout
+    for op in cli.OPS:
+        assert f"\n## {op}\n" in stdout
+        assert f"\n## {op}: " in stderr          # stderr section header
+    for op in ("mediator_attention", "window_attention", "vq_lookup", "vq_quantize", "model"):
+        assert f"\nsummary {op} — geometric-mean speed-up vs " in stdout
+        assert f"| {op} |" in stdout
+    table_rows = [ln for ln in stdout.splitlines() if ln.startswith("| ")
+                  and not ln.startswith("| op ")]
+    numbered = [ln for ln in stderr.splitlines() if ln.startswith("[")]
+    assert len(numbered) == len(table_rows) > 10
+    assert numbered[0].startswith(f"[ 1/{len(numbered)}] ")
+    assert numbered[-1].startswith(f"[{len(numbered)}/{len(numbered)}] ")
+    assert "\x1b[K" not in stderr                # no bar when stderr is not a terminal
+    for op in cli.OPS:
+        assert (out / f"{op}_cpu.png").stat().st_size > 10_000
+        rows = list(csv.DictReader(open(out / f"{op}_cpu.csv")))
+        assert rows and all(r["threads"] == "1" and r["cpu"] and r["isa"] for r in rows)
+        assert all(float(r["ms"]) > 0 for r in rows)
+    md = (out / "bench_cpu.md").read_text()
+    assert "- cpu_peak: est." in md and "- load: --load 1" in md and "summary model" in md
+    assert _busy_children_of(proc.pid) == []
