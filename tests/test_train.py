@@ -24,7 +24,7 @@ class TinyModel(nn.Module):
     forward(lq [B,3,256,256], return_all) -> out [B,3,256,256] (, lq_feat [B,8,16,16],
     logits [B,680,32])."""
 
-    def __init__(self):
+    def __init__(self, ch_mult=None):   # ch_mult: configs/tiny_cpu.yml's kwarg, unused here
         super().__init__()
         self.encoder = nn.Conv2d(3, 8, 16, 16)
         self.quant_conv = nn.Conv2d(8, 8, 1)
@@ -248,3 +248,97 @@ def test_real_small_model_loss_decreases(tmp_path, stage, mode, steps):
     assert not changed("blocks.") and not changed("encoder.")
     if stage == 2:
         assert changed("Mainencoder") and changed("main_decoder")
+
+
+# ---- command-line behaviour: Ctrl-C, resume logs, metadata, one-line errors ----------------------
+def _write_cfg(cfg, path):
+    from varformer.train.config import dump_config
+    dump_config(cfg, str(path))
+    return str(path)
+
+
+def test_ctrl_c_saves_last_step_and_resume_is_exact(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of step 3 (accumulation 2): exit 130, one line naming the steps and
+    the --resume command, a checkpoint of step 2; resuming gives the uninterrupted weights."""
+    cfg = tiny_cfg()
+    full = Trainer(cfg, str(tmp_path / "a"))
+    full.train()
+    path = _write_cfg(cfg, tmp_path / "cfg.yml")
+    out = str(tmp_path / "b")
+    calls = {"n": 0}
+    original = Trainer._micro
+
+    def micro(self, batch, sync):
+        calls["n"] += 1
+        if calls["n"] == 5:                     # first micro-batch of step 3
+            raise KeyboardInterrupt
+        return original(self, batch, sync)
+
+    monkeypatch.setattr(Trainer, "_micro", micro)
+    assert train_main([path, "--out", out]) == 130
+    err = capsys.readouterr().err
+    assert "stopped at step 2; saved a checkpoint of step 2; continue with: varformer train" in err
+    assert err.strip().endswith("--resume") and "Traceback" not in err
+    assert json.load(open(os.path.join(out, "checkpoints", "latest")))["step"] == 2
+    monkeypatch.setattr(Trainer, "_micro", original)
+    assert train_main([path, "--out", out, "--resume"]) == 0
+    sa = load_safetensors(os.path.join(tmp_path, "a", "checkpoints", "step_000000006.ema.safetensors"))
+    sb = load_safetensors(os.path.join(out, "checkpoints", "step_000000006.ema.safetensors"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert closing.startswith("varformer train: done at step 6; loss ") and "ema.safetensors" in closing
+
+
+def test_ctrl_c_inside_the_update_saves_nothing_new(tmp_path, monkeypatch, capsys):
+    cfg = tiny_cfg()
+    path = _write_cfg(cfg, tmp_path / "cfg.yml")
+    out = str(tmp_path / "b")
+    original = Trainer._optimizer_step
+
+    def step(self):
+        if self.step == 4:                      # parameters half updated: not a safe point
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step)
+    assert train_main([path, "--out", out]) == 130
+    err = capsys.readouterr().err
+    assert "stopped at step 4; last checkpoint step 3; continue with:" in err
+    assert json.load(open(os.path.join(out, "checkpoints", "latest")))["step"] == 3
+
+
+def test_resume_leaves_no_duplicate_metric_rows(tmp_path):
+    import csv as _csv
+    cfg = tiny_cfg()
+    out = str(tmp_path / "b")
+    Trainer(cfg, out).train(until=4)          # killed after step 4, last checkpoint step 3
+    Trainer(cfg, out, resume=True).train()
+    rows = list(_csv.DictReader(open(os.path.join(out, "metrics.csv"))))
+    keys = [(r["step"], r["name"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert sorted({int(r["step"]) for r in rows}) == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_metadata_and_optimizer_option(tmp_path):
+    from varformer.train.checkpoint import load_state, read_metadata
+    cfg = tiny_cfg(train={"total_steps": 2, "ckpt_every": 0, "save_optimizer": False},
+                   model={"kwargs": {}, "mode": "paper", "preset": "small"})
+    tr = Trainer(cfg, str(tmp_path))
+    tr.train()
+    info = tr.ckpt.latest()
+    for f in ("model", "ema"):
+        meta = read_metadata(info[f])
+        assert meta["preset"] == "small" and meta["mode"] == "paper" and meta["step"] == 2
+        assert meta["model"]["factory"] == TINY and meta["kwargs"] == {}
+    assert load_state(info["state"])["optimizer"] is None
+    back = Trainer(cfg, str(tmp_path), resume=True)      # resumes with fresh Adam moments
+    assert back.step == 2
+
+
+def test_missing_data_folder_is_one_line(tmp_path, capsys):
+    cfg = tiny_cfg()
+    cfg["data"] = {"root": str(tmp_path / "nowhere"), "tasks": ["dehaze"]}
+    path = _write_cfg(cfg, tmp_path / "cfg.yml")
+    assert train_main([path, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("varformer train: ") and "\n" not in err and "nowhere" in err

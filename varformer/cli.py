@@ -135,6 +135,15 @@ WEIGHTS_HELP = ("the released VarFormer checkpoint (net_g_last.pth) cannot be bu
                 "--weights to the downloaded file")
 
 
+def weights_error(path, exc: BaseException) -> str:
+    """One line for a weights file that could not be loaded (``--weights``)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 600:
+        text = text[:600] + " …"
+    hint = "" if "--preset" in text else " (check --weights, --preset and --mode)"
+    return f"cannot load --weights {path!r}: {text}{hint}"
+
+
 def _restore_inputs(paths) -> list[str]:
     """Image files named by the command line; a folder contributes the images directly in it."""
     from varformer.restoration import IMAGE_EXTENSIONS
@@ -207,7 +216,10 @@ def _restore(args) -> int:
     except Exception as e:  # the model is optional in this version
         return fail(f"the VarFormer model is not available in this version ({e})")
 
-    model = VarFormer.from_pretrained(args.weights, mode=args.mode, preset=args.preset)
+    try:
+        model = VarFormer.from_pretrained(args.weights, mode=args.mode, preset=args.preset)
+    except Exception as e:  # mismatch, foreign or corrupt file: one line, no traceback
+        return fail(weights_error(args.weights, e))
     model = model.to(device).eval()
     failed = 0
     for src, dst in zip(files, targets):
@@ -233,6 +245,9 @@ def _delegate(argv):
     if argv[:1] == ["eval"]:
         from varformer.eval import eval_main
         return eval_main(argv[1:])
+    if argv[:1] == ["analyze"]:
+        from varformer.analysis import analyze_main
+        return analyze_main(argv[1:])
     if argv[:1] == ["data"]:
         from varformer.data.check import data_main
         return data_main(argv[1:])
@@ -250,6 +265,8 @@ def main(argv=None) -> int:
                                  "varformer train --help")
     sub.add_parser("eval", help="evaluate weights on test sets (PSNR/SSIM/LPIPS tables); "
                                 "varformer eval --help")
+    sub.add_parser("analyze", help="the paper's analyses: scales (Eq. 2), tsne (Fig. 3), dae "
+                                   "(Fig. 7); varformer analyze --help")
     d = sub.add_parser("data", help="dataset tools: varformer data check CONFIG")
     d.add_argument("action", choices=["check"])
     b = sub.add_parser(
@@ -290,10 +307,12 @@ def main(argv=None) -> int:
                         "input image a file name with an image extension")
     r.add_argument("--weights", metavar="FILE",
                    help="checkpoint net_g_last.pth from the Hugging Face repo wsy541/VarFormer")
-    r.add_argument("--mode", choices=["official", "paper"], default="official",
-                   help="model variant passed to VarFormer.from_pretrained (default official)")
-    r.add_argument("--preset", choices=["full", "small"], default="full",
-                   help="model size of the weights: full (released) or small (VarFormer.small)")
+    r.add_argument("--mode", choices=["official", "paper"], default=None,
+                   help="model variant (default: what the checkpoint's metadata says, as "
+                        "written by varformer train; official for the released weights)")
+    r.add_argument("--preset", choices=["full", "small"], default=None,
+                   help="model size: full (released) or small (VarFormer.small); default: the "
+                        "checkpoint's metadata, else full")
     r.add_argument("--tile", type=int, default=256, help="tile size (default 256)")
     r.add_argument("--tile-overlap", type=int, default=32,
                    help="overlap of neighbouring tiles in pixels (default 32)")

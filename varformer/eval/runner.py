@@ -430,11 +430,16 @@ def run_config(cfg: EvalConfig, *, model, out_dir, protocols=PROTOCOLS, device="
     return rows
 
 
-def _load_model(weights: str, mode: str, device: str, preset: str = "full"):
+def _load_model(weights: str, mode, device: str, preset=None):
     """VarFormer weights (released size, or the small preset) on ``device`` in eval mode."""
     from varformer.models import VarFormer
 
     return VarFormer.from_pretrained(weights, mode=mode, preset=preset).to(device).eval()
+
+
+def _model_label(model, weights: str, mode) -> str:
+    """'net_g_last.pth, mode official' for the results title."""
+    return f"{os.path.basename(weights)}, mode {getattr(model, 'mode', mode)}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -450,11 +455,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="eval_results", metavar="DIR",
                     help="output folder (default eval_results)")
     ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
-    ap.add_argument("--mode", choices=["official", "paper"], default="official",
-                    help="model variant for VarFormer.from_pretrained (default official)")
+    ap.add_argument("--mode", choices=["official", "paper"], default=None,
+                    help="model variant (default: the checkpoint's metadata, as written by "
+                         "varformer train; official for the released weights)")
     ap.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default 8)")
-    ap.add_argument("--preset", choices=["full", "small"], default="full",
-                    help="model size of the weights: full (released) or small (VarFormer.small)")
+    ap.add_argument("--preset", choices=["full", "small"], default=None,
+                    help="model size: full (released) or small (VarFormer.small); default: the "
+                         "checkpoint's metadata, else full")
     ap.add_argument("--lpips-backbone", metavar="FILE",
                     help="torchvision AlexNet weights alexnet-owt-7be5be79.pth "
                          "(with --lpips-linear)")
@@ -501,13 +508,19 @@ def eval_main(argv=None, *, _model=None) -> int:
         from varformer.eval.lpips import LPIPS
         lpips = LPIPS.from_files(args.lpips_backbone, args.lpips_linear)
     protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
-    model = (_model if _model is not None
-             else _load_model(args.weights, args.mode, device, args.preset))
-    source = os.path.basename(args.weights) if _model is None else type(_model).__name__
+    if _model is not None:
+        model, label = _model, f"{type(_model).__name__}, mode {args.mode or 'official'}"
+    else:
+        try:
+            model = _load_model(args.weights, args.mode, device, args.preset)
+        except Exception as e:  # mismatch, foreign or corrupt file: one line
+            from varformer.cli import weights_error
+            return fail(weights_error(args.weights, e))
+        label = _model_label(model, args.weights, args.mode)
     rows = run_config(cfg, model=model, out_dir=args.out, protocols=protocols, device=device,
                       lpips=lpips, batch_size=args.batch_size,
                       log=lambda s: print(s, file=sys.stderr),
-                      title=f"VarFormer evaluation ({source}, mode {args.mode})")
+                      title=f"VarFormer evaluation ({label})")
     print(format_tables(rows)[0])
     print(f"written to {args.out}: results.md, results.csv, per_image.csv, images",
           file=sys.stderr)

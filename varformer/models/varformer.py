@@ -35,6 +35,7 @@ varformer_released_d16_state_dict.tsv``): the VQVAE and VAR parts sit at the top
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Dict, Optional, Sequence, Tuple
@@ -573,21 +574,64 @@ class VarFormer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: Optional[str] = None, *, vae: Optional[str] = None,
-                        var: Optional[str] = None, mode: str = "official",
-                        map_location="cpu", preset: str = "full", **kw) -> "VarFormer":
+                        var: Optional[str] = None, mode: Optional[str] = None,
+                        map_location="cpu", preset: Optional[str] = None,
+                        **kw) -> "VarFormer":
         """Released VarFormer weights (BasicSR ``{'params_ema': sd}``, ``{'params': sd}`` or a
         bare state dict, or a ``.safetensors`` file as our trainer writes; every key must
         match), or ``vae=``/``var=`` official VQVAE and VAR files to start training from.
-        ``preset="small"`` builds the ``VarFormer.small()`` topology."""
+
+        A ``.safetensors`` checkpoint of ``varformer train`` carries its model's ``preset``,
+        ``mode`` and constructor kwargs in its header; they are used unless ``mode`` /
+        ``preset`` / ``**kw`` are given. Files without that header (the released ``.pth``)
+        default to ``mode="official"``, ``preset="full"``. ``preset="small"`` builds the
+        ``VarFormer.small()`` topology. A file that does not fit the model is a
+        ``WeightsMismatchError`` (a ``KeyError`` and ``ValueError``) whose one-line message
+        names the counts, one key with both shapes, and the preset/mode that would fit."""
+        info = _checkpoint_info(path) if path is not None else None
+        saved = info or {}
+        build_kw = dict(saved.get("kwargs") or {})
+        build_kw.update(kw)
+        mode = mode if mode is not None else saved.get("mode") or "official"
+        preset = preset if preset is not None else saved.get("preset") or "full"
         if preset not in ("full", "small"):
             raise ValueError(f"VarFormer.from_pretrained: preset must be 'full' or 'small', "
                              f"got {preset!r}")
+        if mode not in MODES:
+            raise ValueError(f"VarFormer.from_pretrained: mode must be one of {MODES}, "
+                             f"got {mode!r}")
         if path is None and vae is None and var is None:
             raise ValueError("VarFormer.from_pretrained: give the released weights file, or "
                              "vae= and/or var= files")
         sds = {name: _read_state_dict(p, map_location)
                for name, p in (("path", path), ("vae", vae), ("var", var)) if p is not None}
-        model = cls.small(mode, **kw) if preset == "small" else cls(mode=mode, **kw)
+
+        def build(preset_, mode_, device=None):
+            with torch.device(device) if device is not None else contextlib.nullcontext():
+                return (cls.small(mode_, **build_kw) if preset_ == "small"
+                        else cls(mode=mode_, **build_kw))
+
+        if path is not None:   # compare on a meta-device build before allocating the model
+            problem = _mismatch(build(preset, mode, "meta").state_dict(), sds["path"])
+            if problem:
+                fits = [(p_, m_) for p_ in ("full", "small") for m_ in MODES
+                        if (p_, m_) != (preset, mode)
+                        and not _mismatch(build(p_, m_, "meta").state_dict(), sds["path"])]
+                origin = ("from the file's metadata" if info is not None
+                          else "defaults for a file without varformer metadata")
+                hint = (f"; the file fits preset={fits[0][0]!r} mode={fits[0][1]!r} "
+                        f"(--preset {fits[0][0]} --mode {fits[0][1]})" if fits else
+                        "; no preset/mode fits it: is it a VarFormer checkpoint?")
+                if info is not None and (saved.get("preset"), saved.get("mode")) != \
+                        (preset, mode):
+                    hint += (f"; its metadata says preset={saved.get('preset')!r} "
+                             f"mode={saved.get('mode')!r}: drop the override")
+                elif info is not None:
+                    origin = "from the file's metadata"
+                raise WeightsMismatchError(
+                    f"VarFormer: {path} does not match the model built with preset={preset!r} "
+                    f"mode={mode!r}{' ' + str(kw) if kw else ''} ({origin}): {problem}{hint}")
+        model = build(preset, mode)
         if path is not None:
             model.load_official(sds["path"], strict=True)
         if vae is not None:
@@ -633,6 +677,51 @@ def _read_state_dict(path: str, map_location) -> Dict[str, Tensor]:
                      "{'params': ...} or a dict of tensors)")
 
 
+class WeightsMismatchError(KeyError, ValueError):
+    """A weights file that does not fit the model (``from_pretrained``); str() is the message
+    itself (not quoted as KeyError's)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _checkpoint_info(path: str) -> Optional[Dict]:
+    """The ``varformer`` safetensors header entry written by ``varformer train`` (preset,
+    mode, kwargs, ...), or None for other files."""
+    if not str(path).endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    import json
+
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta["varformer"]) if "varformer" in meta else None
+    except Exception as e:  # unreadable header: say so rather than guess
+        raise ValueError(f"VarFormer: cannot read the header of {path}: {e}") from None
+
+
+def _mismatch(own: Dict[str, Tensor], sd: Dict[str, Tensor]) -> str:
+    """'' if ``sd`` has exactly the keys and shapes of ``own``, else a one-line summary with
+    the counts and one example key."""
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    if not (missing or unexpected or wrong):
+        return ""
+
+    def show(keys):
+        return ", ".join(keys[:3]) + (f" … (+{len(keys) - 3})" if len(keys) > 3 else "")
+
+    text = (f"{len(missing)} missing [{show(missing)}], {len(unexpected)} unexpected "
+            f"[{show(unexpected)}], {len(wrong)} with other shapes")
+    if wrong:
+        k = wrong[0]
+        text += (f", e.g. {k} is {list(sd[k].shape)} in the file but "
+                 f"{list(own[k].shape)} in the model")
+    return text
+
+
 def _load_part(model: nn.Module, sd: Dict[str, Tensor], prefixes, path: str) -> None:
     own = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in prefixes}
     missing = sorted(set(own) - set(sd))
@@ -641,7 +730,7 @@ def _load_part(model: nn.Module, sd: Dict[str, Tensor], prefixes, path: str) -> 
     model.load_state_dict({k: sd[k] for k in own}, strict=False)
 
 
-__all__ = ["VarFormer", "CrossAttentionAR", "WeightPredictor",
+__all__ = ["VarFormer", "WeightsMismatchError", "CrossAttentionAR", "WeightPredictor",
            "DegradationAwareEnhancement", "AdaptiveFeatureTransform", "MainEncoder",
            "MainDecoder", "MODES", "PriorProjection", "ABLATION_SWITCHES", "TABLE5_VARIANTS",
            "resolve_ablation", "table5_letter"]

@@ -71,10 +71,35 @@ def _cpu_tensors(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
-def save_safetensors(sd: Dict[str, Tensor], path: str) -> None:
+def save_safetensors(sd: Dict[str, Tensor], path: str,
+                     metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write ``sd`` atomically; ``metadata`` (str -> str) goes into the safetensors header."""
     from safetensors.torch import save_file
     tensors = _cpu_tensors(sd)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+METADATA_KEY = "varformer"   # safetensors header entry: JSON of ``model_metadata``
+
+
+def model_metadata(cfg: Dict, step: int) -> Dict[str, str]:
+    """The safetensors header of a training checkpoint: what ``VarFormer.from_pretrained``
+    needs to rebuild the model (``preset``, ``mode``, ``kwargs``: the config's ``model.kwargs``,
+    passed to the constructor as they are), plus the whole ``model`` section, stage, name and
+    step for the record."""
+    m = dict(cfg.get("model") or {})
+    info = {"format": 1, "preset": m.get("preset", "full"), "mode": m.get("mode", "official"),
+            "kwargs": dict(m.get("kwargs") or {}), "factory": m.get("factory"), "model": m,
+            "stage": cfg.get("stage"), "name": cfg.get("name"), "step": int(step)}
+    return {METADATA_KEY: json.dumps(info, default=str)}
+
+
+def read_metadata(path: str) -> Optional[Dict]:
+    """The ``model_metadata`` dict of a safetensors file, or None (no header entry)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
 
 
 def load_safetensors(path: str) -> Dict[str, Tensor]:
@@ -113,12 +138,13 @@ class CheckpointManager:
                 "state": stem + ".state.pt"}
 
     def save(self, step: int, model_sd: Dict[str, Tensor], ema_sd: Dict[str, Tensor],
-             state: Dict) -> Dict[str, str]:
-        """Write the three files, then the ``latest`` pointer, then prune."""
+             state: Dict, metadata: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        """Write the three files (``metadata`` into both safetensors headers), then the
+        ``latest`` pointer, then prune."""
         os.makedirs(self.folder, exist_ok=True)
         p = self.paths(step)
-        save_safetensors(model_sd, p["model"])
-        save_safetensors(ema_sd, p["ema"])
+        save_safetensors(model_sd, p["model"], metadata)
+        save_safetensors(ema_sd, p["ema"], metadata)
         state = dict(state, step=step)
         atomic_write(p["state"], lambda tmp: torch.save(state, tmp))
         pointer = {"step": step, **{k: os.path.basename(v) for k, v in p.items()}}
@@ -172,4 +198,5 @@ def load_state(path: str) -> Dict:
 
 
 __all__ = ["CheckpointManager", "atomic_write", "save_safetensors", "load_safetensors",
+           "model_metadata", "read_metadata", "METADATA_KEY",
            "rng_state", "set_rng_state", "load_state"]

@@ -59,6 +59,8 @@ DEFAULTS: Dict[str, Any] = {
         "ckpt_every": 10000,
         "keep_last": 3,                         # retention: the last N checkpoints ...
         "keep_every": 50000,                    # ... plus every M steps (0: none)
+        "save_optimizer": True,                 # false: checkpoints without Adam moments
+                                                # (smaller; --resume restarts the moments)
         "val_every": 0,                         # 0: no validation
     },
     "data": {},                                 # {synthetic: {n, size}} or varformer.data's

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import (CheckpointManager, load_safetensors, load_state, rng_state,
-                         set_rng_state)
+from .checkpoint import (CheckpointManager, load_safetensors, load_state, model_metadata,
+                         rng_state, set_rng_state)
 from .config import dump_config, load_config
 from .losses import build_loss, gt_targets
 
@@ -247,6 +247,23 @@ class MetricLog:
         except Exception:        # tensorboard not installed
             self.tb = None
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the rows of steps after ``step`` (a resumed run writes them again); returns
+        the number of rows dropped."""
+        self.file.close()
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        keep = [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+        dropped = len(rows) - 1 - len(keep)
+        if dropped:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([rows[0] if rows else ["step", "name", "value"]] + keep)
+            os.replace(tmp, self.path)
+        self.file = open(self.path, "a", newline="")
+        self.csv = csv.writer(self.file)
+        return dropped
+
     def scalars(self, step: int, values: Dict[str, float]) -> None:
         for k, v in values.items():
             self.csv.writerow([step, k, f"{float(v):.6g}"])
@@ -301,6 +318,11 @@ class Trainer:
         self.ckpt = CheckpointManager(os.path.join(out_dir, "checkpoints"), int(tc["keep_last"]),
                                       int(tc["keep_every"]))
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.saved_step: Optional[int] = None      # step of the last checkpoint written/loaded
+        self.sampler_epoch: Optional[int] = None   # epoch the sampler is set to
+        self._safe_point: Optional[Dict] = None    # state after the last finished step
+        self.last_record: Dict[str, float] = {}
+        self.last_val: Dict[str, float] = {}
         random.seed(seed + self.rank)
         np.random.seed((seed + self.rank) % 2 ** 32)
         torch.manual_seed(seed + self.rank)
@@ -314,21 +336,30 @@ class Trainer:
         self._val_items: Optional[List[Dict]] = None
 
     # ---- state ------------------------------------------------------------------------------
-    def save(self) -> None:
+    def save(self, point: Optional[Dict] = None) -> None:
         """Checkpoint (collective under DDP: every rank contributes its RNG / sampler state,
-        rank 0 writes)."""
-        consumed = self.batch_in_epoch * int(self.cfg["train"]["batch_size"])
-        per_rank = _gather({"rng": rng_state(),
+        rank 0 writes). ``point``: the data position and RNG state to record instead of the
+        live ones (``_safe_point``, used after Ctrl-C in the middle of a step)."""
+        epoch, batch_in_epoch = ((point["epoch"], point["batch_in_epoch"]) if point
+                                 else (self.epoch, self.batch_in_epoch))
+        rng = point["rng"] if point else rng_state()
+        consumed = batch_in_epoch * int(self.cfg["train"]["batch_size"])
+        if point and self.sampler_epoch != epoch:
+            self.sampler.set_epoch(epoch)
+        per_rank = _gather({"rng": rng,
                             "sampler": self.sampler.state_dict(consumed=consumed)}, self.world)
         if self.main:
-            state = {"optimizer": self.opt.state_dict(),
+            optim = (self.opt.state_dict() if self.cfg["train"].get("save_optimizer", True)
+                     else None)
+            state = {"optimizer": optim,
                      "scheduler": {"schedule": self.cfg["optim"]["schedule"], "step": self.step},
-                     "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                     "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                      "per_rank": per_rank, "world_size": self.world, "config": self.cfg}
             self.ckpt.save(self.step, self.model.state_dict(), self.ema.state_dict(self.model),
-                           state)
+                           state, metadata=model_metadata(self.cfg, self.step))
         if self.world > 1:
             dist.barrier()
+        self.saved_step = self.step
 
     def resume(self) -> bool:
         """Load the ``latest`` checkpoint of ``out_dir`` if there is one."""
@@ -340,9 +371,16 @@ class Trainer:
         self.model.load_state_dict(load_safetensors(info["model"]))
         self.ema.load_state_dict(load_safetensors(info["ema"]))
         st = load_state(info["state"])
-        self.opt.load_state_dict(st["optimizer"])
+        if st.get("optimizer") is not None:
+            self.opt.load_state_dict(st["optimizer"])
+        elif self.main:
+            print("varformer train: the checkpoint has no optimizer state "
+                  "(train.save_optimizer: false); Adam restarts its moments")
         self.step, self.epoch, self.batch_in_epoch = (st["step"], st["epoch"],
                                                       st["batch_in_epoch"])
+        self.saved_step = self.step
+        if self.log is not None:
+            self.log.truncate_after(self.step)
         mine = st["per_rank"][self.rank] if self.rank < len(st["per_rank"]) else None
         if st["world_size"] != self.world and self.main:
             print(f"varformer train: checkpoint from {st['world_size']} processes, resuming "
@@ -398,6 +436,8 @@ class Trainer:
         records: List[Dict[str, float]] = []
         self.step_module.train()
         t0, s0 = time.time(), self.step
+        self._safe_point = {"step": self.step, "epoch": self.epoch,
+                            "batch_in_epoch": self.batch_in_epoch, "rng": rng_state()}
         acc: Dict[str, float] = {}
         micro = 0
         while self.step < stop:
@@ -405,6 +445,7 @@ class Trainer:
                 raise ValueError(f"train: {len(self.sampler)} samples per process < batch_size "
                                  f"{bs}")
             self.sampler.set_epoch(self.epoch)
+            self.sampler_epoch = self.epoch
             idx = list(iter(self.sampler))      # the rest of the epoch (resume: from position)
             for batch in self._loader(idx[:len(idx) // bs * bs]):
                 micro += 1
@@ -414,12 +455,16 @@ class Trainer:
                 self.batch_in_epoch += 1
                 if micro % accum:
                     continue
+                self._safe_point = None            # parameters, EMA, step change together
                 acc.update(self._optimizer_step())
                 self.step += 1
                 rec = dict(acc, step=self.step)
                 records.append(rec)
+                self.last_record = rec
                 acc = {}
                 self._after_step(rec, t0, s0, total)
+                self._safe_point = {"step": self.step, "epoch": self.epoch,
+                                    "batch_in_epoch": self.batch_in_epoch, "rng": rng_state()}
                 if self.step >= stop:
                     break
             else:
@@ -431,6 +476,17 @@ class Trainer:
             if self.log is not None:
                 self.log.close()
         return records
+
+    def save_interrupted(self) -> bool:
+        """After Ctrl-C: checkpoint the last finished step if it is not saved yet and the
+        interruption did not fall inside an optimizer update or a save (single process
+        only). Returns whether a checkpoint was written."""
+        point = self._safe_point
+        if (self.world > 1 or point is None or point["step"] != self.step
+                or self.step == self.saved_step or self.step == 0):
+            return False
+        self.save(point)
+        return True
 
     def _after_step(self, rec: Dict[str, float], t0: float, s0: int, total: int) -> None:
         tc = self.cfg["train"]
@@ -475,6 +531,7 @@ class Trainer:
                               (lq[0], out[0], gt[0]))
             self.model.train()
             scalars["val/psnr"] = sum(psnrs) / max(len(psnrs), 1)
+            self.last_val = dict(scalars)
         if self.val_fn is not None:
             scalars.update({f"val/{k}": v for k, v in self.val_fn(self.model, self.step).items()})
         if scalars:
@@ -511,11 +568,68 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"varformer train: {e}", file=sys.stderr)
         return 2
     out = args.out or os.path.join("runs", cfg["name"])
-    trainer = Trainer(cfg, out, resume=args.resume)
-    trainer.train()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    debug = os.environ.get("VARFORMER_TRACEBACK") == "1"
+    trainer = None
+    try:
+        trainer = Trainer(cfg, out, resume=args.resume)
+        trainer.train()
+    except KeyboardInterrupt:
+        return _interrupted(trainer, args, out)
+    except (OSError, KeyError, ValueError) as e:   # missing data, bad weights, bad config values
+        if debug:
+            raise
+        step = f" at step {trainer.step}" if trainer is not None else ""
+        print(f"varformer train: {type(e).__name__}{step}: " + " ".join(str(e).split())
+              + " (VARFORMER_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if trainer.main:
+        _closing_line(trainer, out)
     return 0
+
+
+def _resume_command(args, out: str) -> str:
+    parts = ["varformer train", args.config, "--out", out, *args.overrides, "--resume"]
+    return " ".join(parts)
+
+
+def _interrupted(trainer, args, out: str) -> int:
+    """Ctrl-C: one line (and a checkpoint of the last finished step where that is safe)."""
+    if trainer is None:
+        print("varformer train: stopped before the first step (nothing to save)",
+              file=sys.stderr)
+        return 130
+    saved = False
+    if trainer.main or trainer.world > 1:
+        try:
+            saved = trainer.save_interrupted()
+        except KeyboardInterrupt:
+            saved = False
+        except Exception as e:  # a failed emergency save must not hide the message
+            print(f"varformer train: could not save step {trainer.step}: {e}", file=sys.stderr)
+    last = trainer.saved_step
+    if trainer.main:
+        what = (f"saved a checkpoint of step {last}" if saved else
+                f"last checkpoint step {last}" if last is not None else "no checkpoint yet")
+        cont = (f"; continue with: {_resume_command(args, out)}" if last is not None
+                else "; start again (nothing to resume)")
+        print(f"varformer train: stopped at step {trainer.step}; {what}{cont}", file=sys.stderr)
+    if trainer.log is not None:
+        trainer.log.close()
+    return 130
+
+
+def _closing_line(trainer, out: str) -> None:
+    info = trainer.ckpt.latest()
+    rec = trainer.last_record
+    metrics = ", ".join([f"loss {rec['loss']:.4f}"] if "loss" in rec else [])
+    metrics += "".join(f", {k} {v:.2f}" for k, v in trainer.last_val.items())
+    where = (f"checkpoints in {trainer.ckpt.folder} (restore/eval: --weights {info['ema']})"
+             if info else "no checkpoint written")
+    print(f"varformer train: done at step {trainer.step}; {metrics or 'no steps run'}; {where}; "
+          f"metrics in {os.path.join(out, 'metrics.csv')}", flush=True)
 
 
 __all__ = ["Trainer", "TrainStep", "EMA", "build_model", "set_trainable", "load_partial",
