@@ -1,178 +1,169 @@
-// Nearest-codebook lookup (VAR VectorQuantizer2), CPU implementation, and the op schema.
+// Nearest-codebook lookup (VAR VectorQuantizer2), CPU driver, and the op schema.
 //
 //   z [N, C], codebook E [V, C], sqnorm [V] = sum_c E[v, c]^2, all float32 or all float64
+//   (on CPU sqnorm may be [0]: then computed here from E, with no extra torch op)
 //   d[n, v] = (|z_n|^2 + sqnorm[v]) - 2 * <z_n, E_v>
 //   idx[n]  = argmin_v d[n, v]  (lowest index on ties, a NaN distance wins like torch.argmin)
 //   dist[n] = d[n, idx[n]],  codes[n] = E[idx[n]] (or an empty [0, C] tensor)
 //
 // The N x V distance matrix is never formed. A work item is a block of TN tokens x a range of
-// codes; its tokens are transposed once into zt [C][TN] so that vector lanes run over tokens, and
-// codebook rows are read in place (one broadcast per element). Each token keeps a running
-// (min, index) in registers while the codes stream past in increasing order. Extra memory:
-// per-thread tiles, plus O(N) partial results when the codes are split across threads (small N).
+// codes; its tokens are transposed once into zt [C][TN] so that vector lanes run over tokens,
+// and an inner kernel compiled per ISA (vq_lookup_isa.h; avx512, avx2, baseline) streams the
+// codes past a running (min, index) per token. The variant is chosen per call from the CPU
+// (__builtin_cpu_supports) or from VARFORMER_CPU_ISA=avx512|avx2|baseline (an error where the
+// CPU lacks it). The inner kernel ranks codes by hs[v] - <z, e_v> (hs = sqnorm / 2), equivalent
+// for finite inputs; tokens (or codebooks) that could meet a non-finite distance take an exact
+// scalar scan with torch.argmin's NaN rule instead.
+//
+// Threads: torch's own pool (at::parallel_for, i.e. the OpenMP runtime torch itself runs on),
+// one parallel region per call, items handed out dynamically (a thread the OS delays does not
+// hold back the others' work), and calls too small to pay for a region run on the calling
+// thread. Extra memory: per-thread tiles, plus O(N) partials when codes are split (small N).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "vq_lookup_checks.h"
+#include "vq_lookup_isa.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <string>
 #include <tuple>
 #include <vector>
 
 namespace varformer_vq {
 namespace {
 
-// Bytes of one SIMD register, known at compile time (-march decides it).
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
-#elif defined(__AVX__)
-constexpr int kVecBytes = 32;
-#else
-constexpr int kVecBytes = 16;
-#endif
+// ------------------------------------------------------------------------------ ISA variants
+struct Variant {
+  const IsaKernels* k = nullptr;
+  std::string why;  // why it cannot run here ('' if it can)
+};
 
-// Code index kept per token lane, as wide as T so that compares and selects vectorise together.
+bool cpu_has(int id) {
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (id == kIsaAvx512) return __builtin_cpu_supports("avx512f");
+  if (id == kIsaAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  if (id != kIsaBaseline) return false;
+#endif
+  return true;
+}
+
+const char* const kIsaNames[kIsaCount] = {"baseline", "avx2", "avx512"};
+const char* const kIsaNeeds[kIsaCount] = {"", "avx2 and fma", "avx512f"};
+
+const std::vector<Variant>& variants() {
+  static const std::vector<Variant> table = [] {
+    std::vector<Variant> t(kIsaCount);
+    const char* why = "";
+    t[kIsaBaseline].k = isa_kernels_baseline(&why);
+    t[kIsaBaseline].why = why;
+    t[kIsaAvx2].k = isa_kernels_avx2(&why);
+    t[kIsaAvx2].why = why;
+    t[kIsaAvx512].k = isa_kernels_avx512(&why);
+    t[kIsaAvx512].why = why;
+    for (int id = 0; id < kIsaCount; ++id)
+      if (t[id].k != nullptr && !cpu_has(id))
+        t[id].why = std::string("this CPU lacks ") + kIsaNeeds[id];
+    return t;
+  }();
+  return table;
+}
+
+std::string usable_list() {
+  std::string s;
+  for (int id = kIsaCount - 1; id >= 0; --id)
+    if (variants()[id].why.empty()) s += (s.empty() ? "" : ", ") + std::string(kIsaNames[id]);
+  return s.empty() ? "none" : s;
+}
+
+// request: "" or "auto" (the widest variant this CPU runs), or a variant's name.
+int resolve_isa(std::string request) {
+  for (auto& ch : request) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  const auto& t = variants();
+  if (request.empty() || request == "auto") {
+    for (int id = kIsaCount - 1; id >= 0; --id)
+      if (t[id].why.empty()) return id;
+    TORCH_CHECK(false, "vq_lookup (CPU): no inner-kernel variant can run here (",
+                t[kIsaBaseline].why, ")");
+  }
+  for (int id = 0; id < kIsaCount; ++id) {
+    if (request != kIsaNames[id]) continue;
+    TORCH_CHECK(t[id].why.empty(), "VARFORMER_CPU_ISA=", request, ": the ", request,
+                " variant cannot run here (", t[id].why, "); usable: ", usable_list());
+    return id;
+  }
+  TORCH_CHECK(false, "VARFORMER_CPU_ISA must be auto, avx512, avx2 or baseline, got '", request,
+              "'");
+  return kIsaBaseline;
+}
+
+int isa_from_env() {
+  const char* env = std::getenv("VARFORMER_CPU_ISA");
+  return resolve_isa(env ? env : "");
+}
+
+// ------------------------------------------------------------------------------ the lookup
 template <typename T> struct LaneIndex;
 template <> struct LaneIndex<float> { using type = int32_t; };
 template <> struct LaneIndex<double> { using type = int64_t; };
 
 template <typename T>
-struct Tile {
-  static constexpr int kL = 2 * kVecBytes / static_cast<int>(sizeof(T));  // tokens / reg. tile
-  static constexpr int kR = 6;  // codes per register tile (kR x 2 accumulator registers)
-};
+ScanFn<T, typename LaneIndex<T>::type> scan_of(const IsaKernels& k);
+template <> ScanFn<float, int32_t> scan_of<float>(const IsaKernels& k) { return k.scan32; }
+template <> ScanFn<double, int64_t> scan_of<double>(const IsaKernels& k) { return k.scan64; }
 
-// Tokens per work item: a multiple of kL, up to 256, with the block zt [C][TN] near 128 KB.
+// Magnitude below which |z|^2, |e|^2 and every partial sum stay finite (so no NaN distance).
 template <typename T>
-int64_t token_block(int64_t C) {
-  constexpr int64_t L = Tile<T>::kL;
-  const int64_t tn = 131072 / static_cast<int64_t>(sizeof(T)) / std::max<int64_t>(C, 1);
-  return std::max<int64_t>(L, std::min<int64_t>(256, tn) / L * L);
+constexpr T finite_limit() { return std::numeric_limits<T>::max() / T(16); }
+
+// Multiply-adds below which one thread does the whole call (a parallel region costs more,
+// and far more on a loaded machine).
+constexpr int64_t kSerialMacs = int64_t(1) << 21;
+
+// hs[v] = sq[v] / 2 (sq computed from E where sq is null); returns whether the codebook is
+// safe for the fast kernel: every entry finite and every |e|^2 within finite_limit.
+template <typename T>
+bool half_sqnorm(const T* E, const T* sq, int64_t V, int64_t C, T* hs) {
+  const T lim = finite_limit<T>();
+  bool ok = true;
+  if (sq == nullptr) {  // a non-finite entry makes its row's sum non-finite
+    for (int64_t v = 0; v < V; ++v) {
+      const T* e = E + v * C;
+      T acc = T(0);
+      for (int64_t c = 0; c < C; ++c) acc += e[c] * e[c];
+      hs[v] = acc / T(2);
+      ok = ok && acc <= lim;
+    }
+    return ok;
+  }
+  for (int64_t v = 0; v < V; ++v) {
+    hs[v] = sq[v] / T(2);
+    ok = ok && sq[v] <= lim && sq[v] >= -lim;
+  }
+  T acc[16] = {};
+  const int64_t n = V * C, n16 = n / 16 * 16;
+  for (int64_t i = 0; i < n16; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += E[i + j] * T(0);  // NaN for any inf or NaN entry
+  for (int64_t i = n16; i < n; ++i) acc[0] += E[i] * T(0);
+  T s = T(0);
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  return ok && s == T(0);
 }
 
-// Codes per cache chunk: about 32 KB of codebook rows.
-template <typename T>
-int64_t code_chunk(int64_t C) {
-  const int64_t rows = 32768 / static_cast<int64_t>(sizeof(T)) / std::max<int64_t>(C, 1);
-  return std::max<int64_t>(Tile<T>::kR, rows);
-}
-
-// Per-thread scratch for one work item of up to TN tokens.
-template <typename T>
-struct Scratch {
-  using I = typename LaneIndex<T>::type;
-  std::vector<T> zt, zn, best;
-  std::vector<I> bidx, bad;
-  Scratch(int64_t C, int64_t TN)
-      : zt(C * TN), zn(TN), best(TN), bidx(TN), bad(TN) {}
-};
-
-// RR codes (rows e of the codebook, stride C; sq their norms; first index v) against kL tokens
-// (columns of the transposed block zt [C][ld]): updates the running (min, index) of each token.
-template <typename T, int RR>
-inline void micro(const T* zt, int64_t ld, const T* zn, const T* e, const T* sq, int64_t C,
-                  typename LaneIndex<T>::type v, T* b, typename LaneIndex<T>::type* bi,
-                  typename LaneIndex<T>::type* nan) {
-  using I = typename LaneIndex<T>::type;
-  constexpr int L = Tile<T>::kL;
-  T acc[RR][L];
-#pragma GCC unroll 8
-  for (int r = 0; r < RR; ++r)
-    for (int j = 0; j < L; ++j) acc[r][j] = T(0);
-  for (int64_t c = 0; c < C; ++c) {
-    const T* zc = zt + c * ld;
-#pragma GCC unroll 8
-    for (int r = 0; r < RR; ++r) {
-      const T ec = e[r * C + c];
-#pragma omp simd
-      for (int j = 0; j < L; ++j) acc[r][j] += ec * zc[j];
-    }
-  }
-  // Codes in increasing order and a strict '<': the lowest index wins ties.
-#pragma GCC unroll 8
-  for (int r = 0; r < RR; ++r) {
-    const T sqr = sq[r];
-    const I vr = static_cast<I>(v + r);
-#pragma omp simd
-    for (int j = 0; j < L; ++j) {
-      const T d = (zn[j] + sqr) - T(2) * acc[r][j];
-      const T bj = b[j];
-      const I ij = bi[j];
-      const bool lt = d < bj;
-      const T nb = lt ? d : bj;
-      const I ni = lt ? vr : ij;
-      b[j] = nb;
-      bi[j] = ni;
-      nan[j] |= static_cast<I>(d != d);
-    }
-  }
-}
-
-// One work item: tokens [n0, n0 + nt) (nt <= TN) against codes [v0, v1).
-// Writes per token the minimum, its index and whether a NaN distance was seen.
-template <typename T>
-void scan_item(const T* z, const T* E, const T* sq, int64_t C, int64_t n0, int64_t nt,
-               int64_t v0, int64_t v1, Scratch<T>& s, T* out_min, int64_t* out_idx,
-               uint8_t* out_nan) {
-  using I = typename LaneIndex<T>::type;
-  constexpr int L = Tile<T>::kL, R = Tile<T>::kR;
-  const int64_t ld = (nt + L - 1) / L * L;  // padded token count
-  T* zt = s.zt.data();
-  // Transposed token block zt[c][l] = z[n0 + l, c] (padding 0) and squared norms.
-  for (int64_t l = 0; l < nt; ++l) {
-    const T* row = z + (n0 + l) * C;
-    T acc = T(0);
-    for (int64_t c = 0; c < C; ++c) {
-      zt[c * ld + l] = row[c];
-      acc += row[c] * row[c];
-    }
-    s.zn[l] = acc;
-  }
-  for (int64_t l = nt; l < ld; ++l) {
-    for (int64_t c = 0; c < C; ++c) zt[c * ld + l] = T(0);
-    s.zn[l] = T(0);
-  }
-  // Start at (+inf, v0): a token whose distances are all +inf gets the lowest index.
-  for (int64_t l = 0; l < ld; ++l) {
-    s.best[l] = std::numeric_limits<T>::infinity();
-    s.bidx[l] = static_cast<I>(v0);
-    s.bad[l] = 0;
-  }
-  const int64_t chunk = code_chunk<T>(C);
-  for (int64_t vc = v0; vc < v1; vc += chunk) {
-    const int64_t ve = std::min(v1, vc + chunk);
-    for (int64_t l0 = 0; l0 < ld; l0 += L) {
-      T b[L];
-      I bi[L], nan[L];
-      for (int j = 0; j < L; ++j) {
-        b[j] = s.best[l0 + j]; bi[j] = s.bidx[l0 + j]; nan[j] = s.bad[l0 + j];
-      }
-      int64_t v = vc;
-      for (; v + R <= ve; v += R)
-        micro<T, R>(zt + l0, ld, s.zn.data() + l0, E + v * C, sq + v, C, static_cast<I>(v),
-                    b, bi, nan);
-      for (; v < ve; ++v)
-        micro<T, 1>(zt + l0, ld, s.zn.data() + l0, E + v * C, sq + v, C, static_cast<I>(v),
-                    b, bi, nan);
-      for (int j = 0; j < L; ++j) {
-        s.best[l0 + j] = b[j]; s.bidx[l0 + j] = bi[j]; s.bad[l0 + j] = nan[j];
-      }
-    }
-  }
-  for (int64_t l = 0; l < nt; ++l) {
-    out_min[n0 + l] = s.best[l];
-    out_idx[n0 + l] = s.bidx[l];
-    out_nan[n0 + l] = s.bad[l] ? 1 : 0;
-  }
-}
-
-// Exact scalar scan of one token (used only for tokens that met a NaN distance): the first NaN
-// wins, as in torch.argmin; otherwise the first minimum.
+// Exact scalar scan of one token with VAR's formula: the first NaN distance wins, as in
+// torch.argmin; otherwise the first minimum.
 template <typename T>
 void scan_token_exact(const T* zr, const T* E, const T* sq, int64_t C, int64_t V, T* out_min,
                       int64_t* out_idx) {
@@ -192,59 +183,122 @@ void scan_token_exact(const T* zr, const T* E, const T* sq, int64_t C, int64_t V
 
 template <typename T>
 void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64_t C,
-                T* dist, int64_t* idx, T* codes) {
-  const int64_t TN = token_block<T>(C), chunk = code_chunk<T>(C);
-  const int threads = std::max(1, at::get_num_threads());
+                T* dist, int64_t* idx, T* codes, const IsaKernels& k) {
+  using I = typename LaneIndex<T>::type;
+  const auto scan = scan_of<T>(k);
+  const int64_t W = sizeof(T) == 4 ? k.group32 : k.group64;
+  const int64_t macs = N * V * std::max<int64_t>(C, 1);
+  const int64_t threads = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
+  auto finish = [&](int64_t n, T m, int64_t mi, bool exact) {
+    if (exact) scan_token_exact<T>(z + n * C, E, sq, C, V, &m, &mi);
+    dist[n] = m;
+    idx[n] = mi;
+    if (codes != nullptr) std::memcpy(codes + n * C, E + mi * C, sizeof(T) * C);
+  };
+
+  std::vector<T> hs(V), sq_own;
+  const bool fast = half_sqnorm<T>(E, sq, V, C, hs.data());
+  if (sq == nullptr) {  // the exact scans need |e|^2 too
+    sq_own.resize(V);
+    for (int64_t v = 0; v < V; ++v) sq_own[v] = hs[v] * T(2);
+    sq = sq_own.data();
+  }
+  if (!fast) {  // non-finite codebook: exact scans only
+    at::parallel_for(0, N, threads > 1 ? (N + threads - 1) / threads : N,
+                     [&](int64_t b, int64_t e) {
+                       for (int64_t n = b; n < e; ++n) finish(n, T(0), 0, true);
+                     });
+    return;
+  }
+  std::vector<I> ids(V);
+  for (int64_t v = 0; v < V; ++v) ids[v] = static_cast<I>(v);
+
+  // Token block: a multiple of W, up to 256 tokens, zt [C][TN] near 64 KB.
+  const int64_t tn_mem = 65536 / static_cast<int64_t>(sizeof(T)) / std::max<int64_t>(C, 1);
+  const int64_t TN = std::max<int64_t>(W, std::min<int64_t>(256, tn_mem) / W * W);
   const int64_t nblocks = (N + TN - 1) / TN;
-  const int64_t nchunks = (V + chunk - 1) / chunk;
   // Enough work items for all threads: with few token blocks, split the codes as well.
+  const int64_t chunk = std::max<int64_t>(
+      1, k.chunk_bytes / static_cast<int64_t>(sizeof(T)) / std::max<int64_t>(C, 1));
+  const int64_t nchunks = (V + chunk - 1) / chunk;
   int64_t splits = 1;
-  if (nblocks < 4 * threads) splits = std::min(nchunks, (4 * threads + nblocks - 1) / nblocks);
+  if (threads > 1 && nblocks < 4 * threads)
+    splits = std::min(nchunks, (4 * threads + nblocks - 1) / nblocks);
   const int64_t per_split = (nchunks + splits - 1) / splits * chunk;  // codes per split
   splits = (V + per_split - 1) / per_split;
   const int64_t items = nblocks * splits;
 
-  // Partial results [splits][N]; with one split they are the outputs themselves.
-  std::vector<T> pmin_buf(splits > 1 ? splits * N : 0);
-  std::vector<int64_t> pidx_buf(splits > 1 ? splits * N : 0);
-  std::vector<uint8_t> pnan(splits * N);
-  T* pmin = splits > 1 ? pmin_buf.data() : dist;
-  int64_t* pidx = splits > 1 ? pidx_buf.data() : idx;
+  // With split codes: partial results [splits][N]; the last split of a block to finish
+  // combines that block (so the whole call is one parallel region).
+  std::vector<T> pmin(splits > 1 ? splits * N : 0), zn_all(N);
+  std::vector<int64_t> pidx(splits > 1 ? splits * N : 0);
+  std::vector<uint8_t> flag(N);
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[nblocks]);
+  for (int64_t b = 0; b < nblocks; ++b) done[b].store(0, std::memory_order_relaxed);
+  std::atomic<int64_t> next{0};
+  const T lim = finite_limit<T>();
 
-#pragma omp parallel num_threads(threads)
-  {
-    Scratch<T> s(C, TN);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t b = it / splits, sp = it % splits;
-      const int64_t n0 = b * TN, nt = std::min(TN, N - n0);
-      const int64_t v0 = sp * per_split, v1 = std::min(V, v0 + per_split);
-      scan_item<T>(z, E, sq, C, n0, nt, v0, v1, s, pmin + sp * N, pidx + sp * N,
-                   pnan.data() + sp * N);
+  auto run_item = [&](int64_t it, T* zt, T* best, I* bidx) {
+    const int64_t b = it / splits, sp = it % splits;
+    const int64_t n0 = b * TN, nt = std::min(TN, N - n0);
+    const int64_t v0 = sp * per_split, v1 = std::min(V, v0 + per_split);
+    const int64_t ld = (nt + W - 1) / W * W;
+    for (int64_t l = 0; l < nt; ++l) {  // zt[c][l] = z[n0 + l, c], padding 0
+      const T* row = z + (n0 + l) * C;
+      T acc = T(0);
+      for (int64_t c = 0; c < C; ++c) {
+        zt[c * ld + l] = row[c];
+        acc += row[c] * row[c];
+      }
+      if (sp == 0) {
+        zn_all[n0 + l] = acc;
+        flag[n0 + l] = !(acc <= lim);  // NaN, inf or huge: exact scan
+      }
     }
-  }
+    for (int64_t l = nt; l < ld; ++l)
+      for (int64_t c = 0; c < C; ++c) zt[c * ld + l] = T(0);
+    for (int64_t l = 0; l < ld; ++l) {
+      best[l] = std::numeric_limits<T>::infinity();
+      bidx[l] = static_cast<I>(v0);
+    }
+    scan(zt, ld, E, hs.data(), ids.data(), C, v0, v1, best, bidx);
+    if (splits == 1) {
+      for (int64_t l = 0; l < nt; ++l) {
+        const int64_t n = n0 + l;
+        finish(n, zn_all[n] + (best[l] + best[l]), bidx[l], flag[n] != 0);
+      }
+      return;
+    }
+    for (int64_t l = 0; l < nt; ++l) {
+      pmin[sp * N + n0 + l] = best[l];
+      pidx[sp * N + n0 + l] = bidx[l];
+    }
+    if (done[b].fetch_add(1, std::memory_order_acq_rel) != splits - 1) return;
+    for (int64_t n = n0; n < n0 + nt; ++n) {
+      T m = pmin[n];
+      int64_t mi = pidx[n];
+      // Splits cover increasing code ranges: a strict '<' keeps the lowest index.
+      for (int64_t s = 1; s < splits; ++s)
+        if (pmin[s * N + n] < m) { m = pmin[s * N + n]; mi = pidx[s * N + n]; }
+      finish(n, zn_all[n] + (m + m), mi, flag[n] != 0);
+    }
+  };
 
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    T m = pmin[n];
-    int64_t mi = pidx[n];
-    bool nan = pnan[n] != 0;
-    // Splits cover increasing code ranges: a strict '<' keeps the lowest index.
-    for (int64_t sp = 1; sp < splits; ++sp) {
-      const T v = pmin[sp * N + n];
-      if (v < m) { m = v; mi = pidx[sp * N + n]; }
-      nan = nan || pnan[sp * N + n] != 0;
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<T> zt(C * TN), best(TN);
+    std::vector<I> bidx(TN);
+    for (;;) {
+      const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
+      if (it >= items) break;
+      run_item(it, zt.data(), best.data(), bidx.data());
     }
-    if (nan) scan_token_exact<T>(z + n * C, E, sq, C, V, &m, &mi);
-    dist[n] = m;
-    idx[n] = mi;
-    if (codes != nullptr) std::memcpy(codes + n * C, E + mi * C, sizeof(T) * C);
-  }
+  });
 }
 
 void check_inputs(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& sqnorm,
                   c10::DeviceType device) {
-  varformer_vq_checks::check_common(z, codebook, sqnorm);
+  varformer_vq_checks::check_common(z, codebook, sqnorm, /*allow_empty_sqnorm=*/true);
   TORCH_CHECK(z.device().type() == device, "vq_lookup: z must be on ", device, ", got ",
               z.device());
 }
@@ -255,6 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vq_lookup_cpu(
   check_inputs(z, codebook, sqnorm, c10::DeviceType::CPU);
   TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
               "vq_lookup (CPU): z must be float32 or float64, got ", z.scalar_type());
+  const IsaKernels& k = *variants()[isa_from_env()].k;
   const int64_t N = z.size(0), C = z.size(1), V = codebook.size(0);
   at::Tensor idx = at::empty({N}, z.options().dtype(at::kLong));
   at::Tensor dist = at::empty({N}, z.options());
@@ -262,15 +317,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vq_lookup_cpu(
   if (N == 0) return {idx, dist, codes};
   if (z.scalar_type() == at::kFloat) {
     lookup_cpu<float>(z.data_ptr<float>(), codebook.data_ptr<float>(),
-                      sqnorm.data_ptr<float>(), N, V, C, dist.data_ptr<float>(),
-                      idx.data_ptr<int64_t>(), with_codes ? codes.data_ptr<float>() : nullptr);
+                      sqnorm.numel() ? sqnorm.data_ptr<float>() : nullptr, N, V, C,
+                      dist.data_ptr<float>(), idx.data_ptr<int64_t>(),
+                      with_codes ? codes.data_ptr<float>() : nullptr, k);
   } else {
     lookup_cpu<double>(z.data_ptr<double>(), codebook.data_ptr<double>(),
-                       sqnorm.data_ptr<double>(), N, V, C, dist.data_ptr<double>(),
-                       idx.data_ptr<int64_t>(),
-                       with_codes ? codes.data_ptr<double>() : nullptr);
+                       sqnorm.numel() ? sqnorm.data_ptr<double>() : nullptr, N, V, C,
+                       dist.data_ptr<double>(), idx.data_ptr<int64_t>(),
+                       with_codes ? codes.data_ptr<double>() : nullptr, k);
   }
   return {idx, dist, codes};
+}
+
+// The variant a call would run for `request` ('' = what VARFORMER_CPU_ISA says, else auto).
+std::string vq_cpu_isa(std::string request) {
+  return kIsaNames[request.empty() ? isa_from_env() : resolve_isa(request)];
+}
+
+// One line per variant: "name|target it was compiled for|why it cannot run here ('' if it can)".
+std::vector<std::string> vq_cpu_isa_table() {
+  std::vector<std::string> out;
+  for (int id = kIsaCount - 1; id >= 0; --id) {
+    const Variant& v = variants()[id];
+    out.push_back(std::string(kIsaNames[id]) + "|" + (v.k ? v.k->target : "") + "|" + v.why);
+  }
+  return out;
 }
 
 }  // namespace
@@ -279,6 +350,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vq_lookup_cpu(
 TORCH_LIBRARY(varformer_ext, m) {
   m.def("vq_lookup(Tensor z, Tensor codebook, Tensor sqnorm, bool with_codes, int cuda_stream)"
         " -> (Tensor idx, Tensor dist, Tensor codes)");
+  m.def("vq_cpu_isa(str request) -> str", &varformer_vq::vq_cpu_isa);
+  m.def("vq_cpu_isa_table() -> str[]", &varformer_vq::vq_cpu_isa_table);
 }
 
 TORCH_LIBRARY_IMPL(varformer_ext, CPU, m) {

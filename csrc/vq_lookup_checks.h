@@ -9,8 +9,9 @@
 namespace varformer_vq_checks {
 
 // z [N, C], codebook [V, C], sqnorm [V]: ranks, sizes, one dtype, contiguity, one device.
+// With allow_empty_sqnorm (the CPU kernel), sqnorm may also be [0]: computed from the codebook.
 inline void check_common(const at::Tensor& z, const at::Tensor& codebook,
-                         const at::Tensor& sqnorm) {
+                         const at::Tensor& sqnorm, bool allow_empty_sqnorm = false) {
   TORCH_CHECK(z.dim() == 2, "vq_lookup: z must be 2-D [N, C], got ", z.dim(), " dims");
   TORCH_CHECK(codebook.dim() == 2, "vq_lookup: codebook must be 2-D [V, C], got ",
               codebook.dim(), " dims");
@@ -21,8 +22,9 @@ inline void check_common(const at::Tensor& z, const at::Tensor& codebook,
   TORCH_CHECK(codebook.size(0) >= 1, "vq_lookup: codebook is empty (V=0)");
   TORCH_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max(),
               "vq_lookup: codebook has more than 2^31-1 codes");
-  TORCH_CHECK(sqnorm.size(0) == codebook.size(0), "vq_lookup: sqnorm has ", sqnorm.size(0),
-              " entries but codebook has V=", codebook.size(0), " codes");
+  TORCH_CHECK(sqnorm.size(0) == codebook.size(0) || (allow_empty_sqnorm && sqnorm.size(0) == 0),
+              "vq_lookup: sqnorm has ", sqnorm.size(0), " entries but codebook has V=",
+              codebook.size(0), " codes", allow_empty_sqnorm ? " (or pass [0] to compute it)" : "");
   TORCH_CHECK(codebook.scalar_type() == z.scalar_type(), "vq_lookup: codebook dtype ",
               codebook.scalar_type(), " differs from z dtype ", z.scalar_type());
   TORCH_CHECK(sqnorm.scalar_type() == z.scalar_type(), "vq_lookup: sqnorm dtype ",

@@ -1,8 +1,9 @@
-"""C++ VQ lookup (torch.ops.varformer_ext.vq_lookup) against float64 brute force, and the nvcc
-compile check of its CUDA source.
+"""C++ VQ lookup (torch.ops.varformer_ext.vq_lookup) against float64 brute force, on every
+inner-kernel ISA variant this CPU runs (avx512, avx2, baseline; chosen with VARFORMER_CPU_ISA),
+the variant selection, and the nvcc compile check of its CUDA source.
 
-z [N, C], codebook [V, C], sqnorm [V] -> idx [N] (argmin, lowest index on ties), dist [N],
-codes [N, C] = codebook[idx]."""
+z [N, C], codebook [V, C], sqnorm [V] (or [0]: computed by the op) -> idx [N] (argmin, lowest
+index on ties), dist [N], codes [N, C] = codebook[idx]."""
 import pytest
 import torch
 
@@ -16,6 +17,17 @@ def built():
     ok, why = _ext.cpu_status()
     if not ok:
         pytest.skip(f"C++ extension unavailable: {why}")
+
+
+@pytest.fixture(params=_ext.CPU_ISAS)
+def isa(request, monkeypatch):
+    """Runs the test on one inner-kernel variant (skipped where this CPU lacks it)."""
+    why = _ext.cpu_isa_table().get(request.param, "not compiled")
+    if why:
+        pytest.skip(f"{request.param} variant unusable here: {why}")
+    monkeypatch.setenv("VARFORMER_CPU_ISA", request.param)
+    assert _ext.cpu_isa() == request.param
+    return request.param
 
 
 def brute(z, E, sq):
@@ -49,13 +61,13 @@ def lattice(V, C, dtype, gen):
 @pytest.mark.parametrize("C", [8, 32, 64])
 @pytest.mark.parametrize("V", [1, 7, 4096])
 @pytest.mark.parametrize("N", [1, 2, 7, 300, 4097])
-def test_random_inputs_near_bruteforce(N, V, C, dtype):
+def test_random_inputs_near_bruteforce(N, V, C, dtype, isa):
     _check_random(N, V, C, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("N,V,C", [(37, 300, 3), (5, 129, 256), (600, 1000, 256), (70, 50, 1)])
-def test_odd_and_wide_channels(N, V, C, dtype):
+def test_odd_and_wide_channels(N, V, C, dtype, isa):
     _check_random(N, V, C, dtype)
 
 
@@ -70,7 +82,7 @@ def _check_random(N, V, C, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("N,V,C", [(1, 4096, 8), (7, 4096, 32), (300, 7, 8), (4097, 4096, 32),
                                    (3000, 1000, 64)])
-def test_well_separated_codes_exact_index(N, V, C, dtype):
+def test_well_separated_codes_exact_index(N, V, C, dtype, isa):
     gen = torch.Generator().manual_seed(N + V + C)
     E = lattice(V, C, dtype, gen)
     pick = torch.randint(0, V, (N,), generator=gen)
@@ -82,8 +94,8 @@ def test_well_separated_codes_exact_index(N, V, C, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("N", [7, 3000])  # code range split across threads / not split
-def test_exact_ties_return_lowest_index(N, dtype):
+@pytest.mark.parametrize("N", [7, 40, 3000])  # serial / codes split across threads / not split
+def test_exact_ties_return_lowest_index(N, dtype, isa):
     V, C = 4096, 32
     E = torch.randn(V, C, dtype=dtype)
     copies = {300: 5, 4095: 5, 4000: 70, 128: 64, 1000: 999}  # later row := earlier row
@@ -98,14 +110,14 @@ def test_exact_ties_return_lowest_index(N, dtype):
     assert torch.equal(codes, E[idx])
 
 
-def test_identical_codebook_rows_give_index_zero():
+def test_identical_codebook_rows_give_index_zero(isa):
     E = torch.randn(1, 16).repeat(4096, 1)
     z = torch.randn(50, 16)
     idx, _, _ = _ext.lookup(z, E, E.pow(2).sum(1), False)
     assert (idx == 0).all()
 
 
-def test_nan_and_inf_follow_torch_argmin():
+def test_nan_and_inf_follow_torch_argmin(isa):
     E = torch.randn(600, 8)
     sq = E.pow(2).sum(1)
     z = torch.randn(5, 8)
@@ -123,7 +135,7 @@ def test_nan_and_inf_follow_torch_argmin():
     assert dist.isnan().all()
 
 
-def test_with_codes_flag_and_empty_batch():
+def test_with_codes_flag_and_empty_batch(isa):
     z, E = torch.randn(10, 12), torch.randn(33, 12)
     idx, dist, codes = _ext.lookup(z, E, E.pow(2).sum(1), False)
     assert codes.shape == (0, 12) and idx.shape == (10,) and dist.shape == (10,)
@@ -131,7 +143,7 @@ def test_with_codes_flag_and_empty_batch():
     assert idx.shape == (0,) and dist.shape == (0,) and codes.shape == (0, 12)
 
 
-def test_thread_count_does_not_change_results():
+def test_thread_count_does_not_change_results(isa):
     z, E = torch.randn(700, 32), torch.randn(4096, 32)
     sq = E.pow(2).sum(1)
     ref = _ext.lookup(z, E, sq, True)
@@ -145,7 +157,7 @@ def test_thread_count_does_not_change_results():
         assert torch.equal(a, b)
 
 
-def test_large_batch_subset():
+def test_large_batch_subset(isa):
     N, V, C = 100_000, 4096, 32
     z, E = torch.randn(N, C), torch.randn(V, C)
     sq = E.pow(2).sum(1)
@@ -153,6 +165,73 @@ def test_large_batch_subset():
     rows = torch.randperm(N)[:3000]
     check_near_min(z, E, sq, idx, dist, rows)
     assert torch.equal(codes[rows], E[idx[rows]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N,V,C", [(1, 4096, 32), (301, 777, 5), (1030, 4096, 32)])
+def test_sqnorm_computed_by_the_op_when_empty(N, V, C, dtype, isa):
+    z, E = torch.randn(N, C, dtype=dtype), torch.randn(V, C, dtype=dtype)
+    idx, dist, codes = _ext.lookup(z, E, E.new_empty(0), True)
+    check_near_min(z, E, E.pow(2).sum(1), idx, dist)
+    assert torch.equal(codes, E[idx])
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_nonfinite_codebook_follows_torch_argmin(given, isa):
+    gen = torch.Generator().manual_seed(3)
+    E = torch.randn(900, 8, generator=gen)
+    E[700, 2] = float("inf")   # NaN (inf - inf) or +inf distances, depending on the token
+    E[750, 1] = float("nan")   # NaN distance for every token
+    z = torch.randn(37, 8, generator=gen)
+    sq = E.pow(2).sum(1)
+    idx, dist, codes = _ext.lookup(z, E, sq if given else sq[:0], True)
+    eager = ((z.pow(2).sum(1, keepdim=True) + sq) - 2 * z @ E.t()).argmin(1)
+    assert torch.equal(idx, eager)
+    assert set(idx.tolist()) <= {700, 750} and dist.isnan().all()
+    assert torch.equal(codes.isnan(), E[idx].isnan())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huge_tokens_take_the_exact_scan(dtype, isa):
+    big = 1e18 if dtype == torch.float32 else 1e152   # |z|^2 near the type's limit, finite
+    E = torch.randn(300, 32, dtype=dtype)
+    z = torch.randn(70, 32, dtype=dtype)
+    z[5] *= big              # finite |z|^2 above the fast kernel's bound
+    z[6] = big * 100         # |z|^2 overflows: every distance +inf -> index 0
+    sq = E.pow(2).sum(1)
+    idx, dist, _ = _ext.lookup(z, E, sq, False)
+    assert idx[6] == 0 and dist[6] == float("inf")
+    rows = [r for r in range(70) if r != 6]
+    check_near_min(z, E, sq, idx, dist, rows)
+
+
+def test_isa_selection_and_errors(monkeypatch):
+    table = _ext.cpu_isa_table()
+    assert set(table) == set(_ext.CPU_ISAS) and table["baseline"] == ""
+    widest = next(name for name in _ext.CPU_ISAS if not table[name])
+    monkeypatch.delenv("VARFORMER_CPU_ISA", raising=False)
+    assert _ext.cpu_isa() == _ext.cpu_isa("auto") == widest
+    for name in _ext.CPU_ISAS:
+        if table[name]:
+            with pytest.raises(RuntimeError, match=f"VARFORMER_CPU_ISA={name}: .*cannot run"):
+                _ext.cpu_isa(name)
+        else:
+            assert _ext.cpu_isa(name) == name
+    with pytest.raises(RuntimeError, match="VARFORMER_CPU_ISA must be auto, avx512, avx2 or "
+                                           "baseline, got 'sse9'"):
+        _ext.cpu_isa("sse9")
+    monkeypatch.setenv("VARFORMER_CPU_ISA", "sse9")
+    z, E = torch.randn(3, 8), torch.randn(5, 8)
+    with pytest.raises(RuntimeError, match="VARFORMER_CPU_ISA must be"):
+        _ext.lookup(z, E, E.pow(2).sum(1), False)
+
+
+def test_backends_name_the_variant(isa):
+    from varformer.ops import backends
+    info = backends()["csrc-cpu"]
+    assert info["available"]
+    assert f"inner kernel {isa} (VARFORMER_CPU_ISA={isa})" in info["reason"]
+    assert "built with -O3 -fopenmp" in info["reason"]
 
 
 @pytest.mark.parametrize("case,match", [

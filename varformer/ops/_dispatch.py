@@ -128,6 +128,8 @@ def backends() -> dict:
         info[f"triton-{dev}"] = {"available": ok, "reason": why}
     info["cpu-fused"] = {"available": True,
                          "reason": "memory-efficient PyTorch CPU kernels (flash-attention tiles)"}
+    from . import _ext     # C++ CPU ops: which ISA variant runs, build flags, any fallback
+    info["csrc-cpu"] = _ext.cpu_backend_info()
     info["reference"] = {"available": True, "reason": "plain PyTorch"}
     info["requested"] = {"available": True, "reason": requested()}
     return info

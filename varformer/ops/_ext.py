@@ -7,12 +7,18 @@ The op::
 
 z [N, C], codebook [V, C], sqnorm [V] -> idx int64 [N], dist [N], codes [N, C] (or [0, C]).
 
+    vq_cpu_isa(str request) -> str          the CPU inner-kernel variant a call runs
+    vq_cpu_isa_table() -> str[]             "name|target|why not usable" per variant
+
 One shared library is built per process with ``torch.utils.cpp_extension.load`` (lean headers,
-no pybind11, ``is_python_module=False``): from ``vq_lookup.cpp`` alone on CPU-only machines, from
-``vq_lookup.cpp`` + ``vq_lookup_cuda.cu`` where torch has CUDA and a device. The library name
-carries a hash of the sources, the flags, torch's version and (with ``-march=native``) the host
-CPU, so a stale or foreign cached build is never loaded. The cache is torch's
-(``TORCH_EXTENSIONS_DIR`` if set).
+no pybind11, ``is_python_module=False``): from ``CPU_SOURCES`` on CPU-only machines, plus
+``vq_lookup_cuda.cu`` where torch has CUDA and a device. The CPU lookup's inner kernel is compiled
+once per ISA (avx512f, avx2+fma, portable) with target pragmas and picked at run time from the
+CPU, or from ``VARFORMER_CPU_ISA`` = avx512 | avx2 | baseline (for tests and benchmarks), so
+the flags are portable and a build cached on one machine is right on another. The library name
+carries a hash of the sources, headers, flags, torch's version (and the host CPU if a flag set
+used ``-march=native``), so a stale or foreign cached build is never loaded. The cache is
+torch's (``TORCH_EXTENSIONS_DIR`` if set).
 """
 from __future__ import annotations
 
@@ -29,12 +35,23 @@ import torch
 
 NAMESPACE = "varformer_ext"
 OP = f"{NAMESPACE}::vq_lookup"
-CPU_SOURCES = ("vq_lookup.cpp",)
+# One entry per C++ source (the first holds the op schema).
+CPU_SOURCES = (
+    "vq_lookup.cpp",                    # VQ lookup: schema, checks, threads, ISA choice
+    "vq_lookup_avx512.cpp",             # VQ lookup inner kernel, avx512f
+    "vq_lookup_avx2.cpp",               # VQ lookup inner kernel, avx2 + fma
+    "vq_lookup_baseline.cpp",           # VQ lookup inner kernel, portable 16-byte vectors
+)
 CUDA_SOURCES = ("vq_lookup_cuda.cu",)
-HEADERS = ("vq_lookup_checks.h",)        # included by both; part of the build name's hash
-# Tried in order until one builds: native ISA + OpenMP, portable + OpenMP, serial.
-CPU_FLAG_SETS = ((["-O3", "-fopenmp", "-march=native"], ["-fopenmp"]),
-                 (["-O3", "-fopenmp"], ["-fopenmp"]),
+HEADERS = (                             # included by the sources; part of the build name's hash
+    "vq_lookup_checks.h",
+    "vq_lookup_isa.h",
+    "vq_lookup_kernel.h",
+)
+# Tried in order until one builds: OpenMP (at::parallel_for's inline region then runs in the
+# OpenMP runtime torch loaded), serial. Portable flags only: the ISA-specific kernels carry their
+# own target pragmas and are chosen at run time, so a cached build is right on any x86-64 CPU.
+CPU_FLAG_SETS = ((["-O3", "-fopenmp"], ["-fopenmp"]),
                  (["-O3"], []))
 CUDA_FLAGS = ["-O3", "-DNDEBUG"]
 
@@ -120,12 +137,18 @@ def _load(sources: list[Path], cflags: list[str], ldflags: list[str], cuda: bool
                        with_cuda=cuda, is_python_module=False, verbose=False)
 
 
+def _built_with(cflags: list[str], errors: list[str]) -> dict:
+    return {"cpu_flags": " ".join(cflags), "cpu_fallback": "\n".join(errors)}
+
+
 def _build() -> dict:
-    """Build and load the library once; returns {'cpu': (ok, why), 'cuda': (ok, why)}."""
+    """Build and load the library once; returns {'cpu': (ok, why), 'cuda': (ok, why)} and, once
+    built, 'cpu_flags' (the flag set that built) and 'cpu_fallback' (why earlier sets failed)."""
     if _has_kernel("CPU"):  # loaded already (by an earlier build or another loader)
         cuda_ok = _has_kernel("CUDA")
         return {"cpu": (True, ""), "cuda": (cuda_ok, "" if cuda_ok else
-                                            "loaded library has no CUDA kernel")}
+                                            "loaded library has no CUDA kernel"),
+                "cpu_flags": "(loaded before this loader ran)", "cpu_fallback": ""}
     cuda_why = _torch_cuda_reason()
     if _cxx() is None:
         why = "no C++ compiler found (c++, g++ or clang++ on PATH, or CXX)"
@@ -145,7 +168,7 @@ def _build() -> dict:
         if with_cuda:
             try:
                 _load(cpu_src + [root / s for s in CUDA_SOURCES], cflags, ldflags, cuda=True)
-                return {"cpu": (True, ""), "cuda": (True, "")}
+                return {"cpu": (True, ""), "cuda": (True, ""), **_built_with(cflags, errors)}
             except Exception as exc:
                 errors.append(f"[{' '.join(cflags)} + CUDA] {_error_excerpt(exc)}")
                 if _has_kernel("CPU"):  # loaded, so the failure came after the build
@@ -154,7 +177,7 @@ def _build() -> dict:
             _load(cpu_src, cflags, ldflags, cuda=False)
             if with_cuda:
                 cuda_why = "CUDA build failed: " + errors[-1]
-            return {"cpu": (True, ""), "cuda": (False, cuda_why)}
+            return {"cpu": (True, ""), "cuda": (False, cuda_why), **_built_with(cflags, errors)}
         except Exception as exc:
             errors.append(f"[{' '.join(cflags)}] {_error_excerpt(exc)}")
             if _has_kernel("CPU"):
@@ -184,6 +207,70 @@ def cuda_status() -> tuple[bool, str]:
     if why and not _has_kernel("CUDA"):
         return False, why
     return _status()["cuda"]
+
+
+CPU_ISAS = ("avx512", "avx2", "baseline")   # inner-kernel variants, widest first
+
+
+def cpu_isa(request: str = "") -> str:
+    """The inner-kernel variant a CPU lookup runs: for ``request`` "auto" the widest this CPU
+    supports, for a variant's name that variant (an error where the CPU lacks it), for ""
+    what ``VARFORMER_CPU_ISA`` says (read at every call; unset = auto)."""
+    ok, why = cpu_status()
+    if not ok:
+        raise RuntimeError(f"varformer_ext (CPU) is unavailable: {why}")
+    return torch.ops.varformer_ext.vq_cpu_isa(request)
+
+
+def cpu_isa_table() -> dict:
+    """{variant: reason it cannot run here ('' if it can)} for every compiled-in variant."""
+    ok, why = cpu_status()
+    if not ok:
+        return {name: why for name in CPU_ISAS}
+    rows = [line.split("|", 2) for line in torch.ops.varformer_ext.vq_cpu_isa_table()]
+    return {name: reason for name, _, reason in rows}
+
+
+def openmp_runtimes() -> list[str]:
+    """File names of the OpenMP runtimes mapped into this process (Linux; [] elsewhere). More
+    than one means two thread pools competing for the cores."""
+    names = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1] if line.strip() else ""
+                base = os.path.basename(path)
+                if base.startswith(("libgomp", "libiomp", "libomp")) and ".so" in base:
+                    names.add(os.path.realpath(path))
+    except OSError:
+        return []
+    return sorted(names)
+
+
+def cpu_backend_info() -> dict:
+    """{"available": bool, "reason": str} for ``backends()``: which inner-kernel variant the
+    C++ CPU lookup runs and why, the flags it was built with, and any fallback with its cause."""
+    ok, why = cpu_status()
+    if not ok:
+        return {"available": False, "reason": why}
+    state = _status()
+    try:
+        isa = cpu_isa()
+        env = os.environ.get("VARFORMER_CPU_ISA", "").strip()
+        chosen = f"{isa} ({'VARFORMER_CPU_ISA=' + env if env else 'widest this CPU runs'})"
+    except RuntimeError as exc:
+        chosen = f"none: {str(exc).splitlines()[0]}"
+    others = "; ".join(f"{n}: {r or 'usable'}" for n, r in cpu_isa_table().items())
+    flags = state.get("cpu_flags", "")
+    parts = [f"VQ lookup inner kernel {chosen}", f"variants {others}", f"built with {flags}"]
+    if "-fopenmp" not in flags.split() and not flags.startswith("("):
+        parts.append("WITHOUT OpenMP: the C++ lookup runs on one thread")
+    if state.get("cpu_fallback"):
+        parts.append("fell back after: " + " | ".join(state["cpu_fallback"].splitlines()[:4]))
+    runtimes = openmp_runtimes()
+    if len(runtimes) > 1:
+        parts.append("WARNING: several OpenMP runtimes loaded: " + ", ".join(runtimes))
+    return {"available": True, "reason": "; ".join(parts)}
 
 
 def lookup(z: torch.Tensor, codebook: torch.Tensor, sqnorm: torch.Tensor,

@@ -82,7 +82,8 @@ def _lookup_csrc(z, codebook, en, with_codes):
         if ct is None:
             raise TypeError("varformer.ops.vq_lookup: the CUDA C++ path takes float32/float16/"
                             "bfloat16 inputs (fp32 distances), not float64")
-    en = sqnorm(codebook) if en is None else en
+    if en is None:      # on CPU the C++ op computes |e|² itself (no extra torch op per call)
+        en = sqnorm(codebook) if z.device.type == "cuda" else z.new_empty(0, dtype=ct)
     idx, dist, codes = _ext.lookup(z.to(ct).contiguous(), codebook.to(ct).contiguous(),
                                    en.to(ct).contiguous(), with_codes)
     return idx, dist, codes.to(codebook.dtype)

@@ -1,0 +1,107 @@
+// AVX2 + FMA variant of the VQ lookup's inner kernel (see vq_lookup_kernel.h), compiled with a
+// target pragma whatever the build flags; vq_lookup.cpp runs it only where the CPU reports avx2
+// and fma. Register tile: 6 codes x 16 float32 tokens (12 of the 16 ymm registers, two for the
+// tokens, one for the broadcast code entry), the shape that fits 16 registers.
+#include "vq_lookup_isa.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define VF_HAVE_AVX2 1
+#include <immintrin.h>
+
+#include <cstdint>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+namespace varformer_vq {
+namespace isa_avx2 {
+
+struct F32 {
+  using T = float;
+  using I = int32_t;
+  using V = __m256;
+  using M = __m256;
+  static constexpr int W = 8;
+  static inline V load(const T* p) { return _mm256_loadu_ps(p); }
+  static inline void store(T* p, V v) { _mm256_storeu_ps(p, v); }
+  static inline V bcast(const T* p) { return _mm256_broadcast_ss(p); }
+  static inline V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  static inline M lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static inline V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static inline V iload(const I* p) {
+    return _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static inline void istore(I* p, V v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_castps_si256(v));
+  }
+  static inline V ibcast(const I* p) { return _mm256_castsi256_ps(_mm256_set1_epi32(*p)); }
+  static inline V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
+};
+
+struct F64 {
+  using T = double;
+  using I = int64_t;
+  using V = __m256d;
+  using M = __m256d;
+  static constexpr int W = 4;
+  static inline V load(const T* p) { return _mm256_loadu_pd(p); }
+  static inline void store(T* p, V v) { _mm256_storeu_pd(p, v); }
+  static inline V bcast(const T* p) { return _mm256_broadcast_sd(p); }
+  static inline V fnmadd(V a, V b, V c) { return _mm256_fnmadd_pd(a, b, c); }
+  static inline M lt(V a, V b) { return _mm256_cmp_pd(a, b, _CMP_LT_OQ); }
+  static inline V min(V a, V b) { return _mm256_min_pd(a, b); }
+  static inline V iload(const I* p) {
+    return _mm256_castsi256_pd(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static inline void istore(I* p, V v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_castpd_si256(v));
+  }
+  static inline V ibcast(const I* p) {
+    return _mm256_castsi256_pd(_mm256_set1_epi64x(static_cast<long long>(*p)));
+  }
+  static inline V select(M m, V a, V b) { return _mm256_blendv_pd(b, a, m); }
+};
+
+#include "vq_lookup_kernel.h"
+
+constexpr int kChunkBytes = 16384;
+
+void scan32(const float* zt, int64_t ld, const float* E, const float* hs, const int32_t* ids,
+            int64_t C, int64_t v0, int64_t v1, float* best, int32_t* bidx) {
+  scan<F32, 6, 2, 12, kChunkBytes>(zt, ld, E, hs, ids, C, v0, v1, best, bidx);
+}
+
+void scan64(const double* zt, int64_t ld, const double* E, const double* hs, const int64_t* ids,
+            int64_t C, int64_t v0, int64_t v1, double* best, int64_t* bidx) {
+  scan<F64, 6, 2, 12, kChunkBytes>(zt, ld, E, hs, ids, C, v0, v1, best, bidx);
+}
+
+}  // namespace isa_avx2
+}  // namespace varformer_vq
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+namespace varformer_vq {
+
+const IsaKernels* isa_kernels_avx2(const char** why) {
+#ifdef VF_HAVE_AVX2
+  static const IsaKernels k{"avx2", "avx2,fma", isa_avx2::F32::W, isa_avx2::F64::W,
+                            isa_avx2::kChunkBytes, &isa_avx2::scan32, &isa_avx2::scan64};
+  if (why) *why = "";
+  return &k;
+#else
+  if (why) *why = "not compiled: needs GCC or clang on x86-64";
+  return nullptr;
+#endif
+}
+
+}  // namespace varformer_vq

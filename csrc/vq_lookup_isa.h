@@ -1,0 +1,40 @@
+// Interface between the VQ lookup driver (vq_lookup.cpp) and its per-ISA inner kernels
+// (vq_lookup_avx512.cpp, vq_lookup_avx2.cpp, vq_lookup_baseline.cpp). Plain C++ types only: the
+// ISA translation units include no torch headers, so that no inline function compiled for a
+// wider ISA can be shared with (and picked by the linker for) the portable code.
+#pragma once
+
+#include <cstdint>
+
+namespace varformer_vq {
+
+// Index of a variant; also its rank (higher is wider).
+enum IsaId : int { kIsaBaseline = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaCount = 3 };
+
+// Updates the running minimum of a block of tokens against codes [v0, v1).
+//   zt   [C][ld]  the block's tokens transposed (ld a multiple of `group`, padding zero)
+//   E    [V][C]   codebook rows;  hs [V] = |e_v|^2 / 2;  ids [V] = v (as the lane index type)
+//   best [ld], bidx [ld]  running min of  hs[v] - <z, e_v>  and its code, updated in place
+//                         (codes visited in increasing order, strict '<': lowest index wins)
+// The distance is |z|^2 + 2 * best. Inputs must be finite (the driver checks).
+template <typename T, typename I>
+using ScanFn = void (*)(const T* zt, int64_t ld, const T* E, const T* hs, const I* ids,
+                        int64_t C, int64_t v0, int64_t v1, T* best, I* bidx);
+
+struct IsaKernels {
+  const char* name;      // "avx512", "avx2", "baseline"
+  const char* target;    // what it was compiled for, e.g. "avx2,fma"
+  int group32;           // tokens per register tile, float32 (ld must be a multiple)
+  int group64;           // the same for float64
+  int chunk_bytes;       // codebook bytes streamed per pass over a token block
+  ScanFn<float, int32_t> scan32;
+  ScanFn<double, int64_t> scan64;
+};
+
+// Each returns the variant's kernels, or nullptr where it was not compiled (other
+// architecture or compiler); `why` then says why.
+const IsaKernels* isa_kernels_avx512(const char** why);
+const IsaKernels* isa_kernels_avx2(const char** why);
+const IsaKernels* isa_kernels_baseline(const char** why);
+
+}  // namespace varformer_vq
