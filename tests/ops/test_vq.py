@@ -10,19 +10,36 @@ import torch.nn.functional as F
 from tests.conftest import DEVICE, triton_usable
 from varformer.ops import _ext, vq_area_lookup, vq_lookup, vq_lookup_eager
 
-PATHS = ["reference", "csrc", "triton"]
+# "csrc@<isa>": the C++ CPU op on that inner-kernel variant ("csrc" alone: the widest one)
+PATHS = ["reference", "csrc", "triton"] + ([] if DEVICE == "cuda" else ["csrc@avx2",
+                                                                        "csrc@baseline"])
 # relative tolerance on distances, scaled by |z|² + max|e|² (fp32 arithmetic on every path
 # for fp32/fp16/bf16 inputs)
 DIST_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
 
 
+@pytest.fixture(autouse=True)
+def _cpu_isa(request, monkeypatch):
+    callspec = getattr(request.node, "callspec", None)
+    path = callspec.params.get("path") if callspec else None
+    if isinstance(path, str) and "@" in path:
+        monkeypatch.setenv("VARFORMER_CPU_ISA", path.split("@", 1)[1])
+
+
 def _usable(path):
+    """Skips where the path cannot run here; returns the backend name to pass."""
     if path == "triton" and not triton_usable():
         pytest.skip("Triton unusable here")
-    if path == "csrc":
+    if path.startswith("csrc"):
         ok, why = _ext.cuda_status() if DEVICE == "cuda" else _ext.cpu_status()
         if not ok:
             pytest.skip(f"C++ extension unavailable: {why}")
+    if "@" in path:
+        why = _ext.cpu_isa_table().get(path.split("@", 1)[1], "not compiled")
+        if why:
+            pytest.skip(f"{path}: {why}")
+        return "csrc"
+    return path
 
 
 def brute(z, E):
@@ -49,7 +66,7 @@ SIZES = [(1, 1, 8), (1, 7, 32), (2, 4096, 32), (7, 7, 64), (37, 300, 8), (130, 4
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("N,V,C", SIZES)
 def test_lookup_near_minimum_fp32(path, N, V, C):
-    _usable(path)
+    path = _usable(path)
     if path == "triton" and N * V > 2_000_000:
         pytest.skip("too slow for the Triton interpreter")
     z = torch.randn(N, C, device=DEVICE)
@@ -64,7 +81,7 @@ def test_lookup_near_minimum_fp32(path, N, V, C):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_lookup_dtypes(path, dtype):
-    _usable(path)
+    path = _usable(path)
     if path == "triton" and dtype == torch.float64:
         with pytest.raises(TypeError, match="float64"):
             vq_lookup(torch.randn(3, 8, dtype=dtype), torch.randn(5, 8, dtype=dtype),
@@ -82,7 +99,7 @@ def test_lookup_dtypes(path, dtype):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_large_n(path):
-    _usable(path)
+    path = _usable(path)
     N = 100_000 if path != "triton" else 3000
     z = torch.randn(N, 32, device=DEVICE)
     E = torch.randn(4096, 32, device=DEVICE)
@@ -94,7 +111,7 @@ def test_large_n(path):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("V", [7, 4096])
 def test_well_separated_exact(path, V):
-    _usable(path)
+    path = _usable(path)
     C = 8
     g = torch.Generator().manual_seed(1)
     E = torch.unique(torch.randint(-40, 40, (2 * V, C), generator=g), dim=0).float() * 4
@@ -111,7 +128,7 @@ def test_well_separated_exact(path, V):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("splits", [None, 4])
 def test_exact_ties_lowest_index(path, splits):
-    _usable(path)
+    path = _usable(path)
     V, C = 4096, 32
     E = torch.randn(V, C)
     for j in (300, 4095, 37):          # copies later than (and across tiles from) row 5
@@ -134,7 +151,7 @@ def test_exact_ties_lowest_index(path, splits):
 @pytest.mark.parametrize("N,V,C,splits", [(1, 4096, 32, 8), (5, 300, 64, 3), (40, 999, 8, 7),
                                           (17, 7, 32, 5)])
 def test_triton_split_codebook(path, N, V, C, splits):
-    _usable(path)
+    path = _usable(path)
     from varformer.ops.vq import _lookup_triton
     z, E = torch.randn(N, C, device=DEVICE), torch.randn(V, C, device=DEVICE)
     idx, dist, codes = _lookup_triton(z, E, None, True, "ieee", splits=splits)
@@ -145,7 +162,7 @@ def test_triton_split_codebook(path, N, V, C, splits):
 @pytest.mark.parametrize("path", ["triton"])
 @pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
 def test_triton_precisions_run(path, precision):
-    _usable(path)
+    path = _usable(path)
     z, E = torch.randn(70, 32, device=DEVICE), torch.randn(300, 32, device=DEVICE)
     idx = vq_lookup(z, E, backend=path, precision=precision)
     d = brute(z, E)
@@ -156,7 +173,7 @@ def test_triton_precisions_run(path, precision):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_strided_inputs_and_cached_sqnorm(path):
-    _usable(path)
+    path = _usable(path)
     z = torch.randn(64, 70, device=DEVICE)[:, 3:35]            # row stride 70
     E = torch.randn(32, 900, device=DEVICE).T[:500]              # column-major codebook
     sq = E.square().sum(1)
@@ -169,7 +186,7 @@ def test_strided_inputs_and_cached_sqnorm(path):
                                             (3, 32, 16, 16, (13, 13)), (2, 32, 16, 16, (16, 16)),
                                             (2, 8, 12, 20, (5, 7)), (1, 64, 9, 9, (4, 2))])
 def test_area_lookup(path, B, C, SH, SW, size):
-    _usable(path)
+    path = _usable(path)
     f = torch.randn(B, C, SH, SW, device=DEVICE)
     E = torch.randn(700, C, device=DEVICE)
     idx, codes = vq_area_lookup(f, size, E, backend=path)
