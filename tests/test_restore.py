@@ -219,7 +219,7 @@ def fake_varformer(monkeypatch):
 
     class FakeVarFormer:
         @staticmethod
-        def from_pretrained(path, mode, preset="full"):
+        def from_pretrained(path, mode=None, preset=None):
             calls.append((path, mode, preset))
             return Identity()
 
@@ -235,7 +235,7 @@ def test_cli_restores_folder_and_single_file(tmp_path, fake_varformer, capsys):
     assert cli.main(["restore", str(tmp_path / "in"), "-o", str(out), "--weights", str(weights),
                      "--device", "cpu", "--tile", "64", "--tile-overlap", "8",
                      "--mode", "paper"]) == 0
-    assert fake_varformer == [(str(weights), "paper", "full")]
+    assert fake_varformer == [(str(weights), "paper", None)]   # preset: the file's metadata
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
     for name, a in images.items():
         np.testing.assert_array_equal(np.asarray(Image.open(out / (name[:-4] + ".png"))), a)
@@ -271,3 +271,24 @@ def test_cli_without_model_class(tmp_path, monkeypatch, capsys):
     assert cli.main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights",
                      str(weights), "--device", "cpu"]) == 2
     assert "the VarFormer model is not available in this version" in capsys.readouterr().err
+
+
+def test_cli_tile_size_the_model_serves(tmp_path, monkeypatch, capsys):
+    """VarFormer takes 256x256 tiles only: another --tile is a one-line error saying so."""
+    _write_images(tmp_path / "in")
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+
+    class VarFormer(Identity):                 # named like the real class
+        @staticmethod
+        def from_pretrained(path, mode=None, preset=None):
+            return VarFormer()
+
+    monkeypatch.setattr(varformer.models, "VarFormer", VarFormer, raising=False)
+    base = ["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights",
+            str(weights), "--device", "cpu"]
+    assert cli.main(base + ["--tile", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "--tile 128: VarFormer works on 256x256 tiles only" in err and "\n" not in err.strip()
+    assert cli.main(base + ["--tile-overlap", "100"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]

@@ -201,7 +201,9 @@ def _restore(args) -> int:
         return fail(str(e))
 
     import torch
-    from varformer.restoration import check_options, load_image, restore, save_image
+    from varformer._progress import Progress
+    from varformer.restoration import (check_options, count_tiles, read_image_file, restore,
+                                       save_image)
 
     mode = "resize" if args.resize else "tiled"
     try:
@@ -220,21 +222,45 @@ def _restore(args) -> int:
         model = VarFormer.from_pretrained(args.weights, mode=args.mode, preset=args.preset)
     except Exception as e:  # mismatch, foreign or corrupt file: one line, no traceback
         return fail(weights_error(args.weights, e))
+    served = served_tile(model)
+    if served is not None and args.tile != served:
+        return fail(f"--tile {args.tile}: VarFormer works on {served}x{served} tiles only (its "
+                    f"VAR prior is a {served // 16}x{served // 16} latent of 16-pixel "
+                    f"patches); keep --tile {served} and tune --tile-overlap (0-{served - 1}) "
+                    f"instead; images of any size are tiled or padded to it")
     model = model.to(device).eval()
     failed = 0
-    for src, dst in zip(files, targets):
+    for k, (src, dst) in enumerate(zip(files, targets), 1):
         try:
-            image = load_image(src)
+            image = read_image_file(src)
         except OSError as e:
             print(f"varformer restore: skipping {src!r}: {e}", file=sys.stderr)
             failed += 1
             continue
-        out = restore(model, image, tile=args.tile, overlap=args.tile_overlap,
-                      batch_size=args.batch_size, mode=mode, device=device)
+        h, w = image.rgb.shape[-2:]
+        bar = Progress(count_tiles(h, w, args.tile, args.tile_overlap, mode),
+                       f"[{k}/{len(files)}] {os.path.basename(src)} tiles")
+        try:
+            out = restore(model, image.rgb, tile=args.tile, overlap=args.tile_overlap,
+                          batch_size=args.batch_size, mode=mode, device=device,
+                          progress=bar.update)
+        finally:
+            bar.close()
         os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-        save_image(out, dst)
+        notes = save_image(out, dst, alpha=image.alpha, bits=image.bits, gray=image.gray)
+        for note in notes:
+            print(f"varformer restore: {dst}: {note}", file=sys.stderr)
         print(f"{src} -> {dst}")
     return 1 if failed else 0
+
+
+def served_tile(model):
+    """The only input size ``model`` takes (256 for VarFormer: VAR's 16x16 latent), or None for
+    other models (they take any tile)."""
+    size = getattr(model, "input_size", None)
+    if size is None and type(model).__name__ == "VarFormer":
+        size = 256
+    return size
 
 
 def _delegate(argv):
@@ -313,7 +339,8 @@ def main(argv=None) -> int:
     r.add_argument("--preset", choices=["full", "small"], default=None,
                    help="model size: full (released) or small (VarFormer.small); default: the "
                         "checkpoint's metadata, else full")
-    r.add_argument("--tile", type=int, default=256, help="tile size (default 256)")
+    r.add_argument("--tile", type=int, default=256,
+                   help="tile size; VarFormer takes 256 only (default 256)")
     r.add_argument("--tile-overlap", type=int, default=32,
                    help="overlap of neighbouring tiles in pixels (default 32)")
     r.add_argument("--resize", action="store_true",

@@ -7,12 +7,16 @@ to the same shape) over an image of any size:
   window, so the model sees the image at its native resolution;
 - ``mode="resize"``: the official protocol, bicubic resize to tile x tile and back.
 
-``load_image`` / ``save_image`` read and write RGB files with PIL as float [3, H, W] in [0, 1].
+``read_image_file`` / ``save_image`` read and write image files with PIL as float [3, H, W] in
+[0, 1], keeping the alpha channel, grey and the sample depth of the file (16-bit in, 16-bit
+out); ``load_image`` returns the RGB tensor only.
 """
 from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,17 +29,186 @@ _RANGE_TOL = 1e-2  # accepted excursion outside value_range, as a fraction of it
 
 # ----------------------------------------------------------------------------- file helpers
 
-def load_image(path) -> torch.Tensor:
-    """Read an image file as RGB: float32 tensor [3, H, W] in [0, 1]."""
+class ImageFormatError(OSError):
+    """An image file that cannot be converted to RGB faithfully (one-line message)."""
+
+
+@dataclass
+class ImageData:
+    """An image file as read by ``read_image_file``.
+
+    rgb: float32 [3, H, W] in [0, 1] (grey images repeated to 3 channels); alpha: float32
+    [1, H, W] in [0, 1] or None; bits: sample depth of the file (8, 16, or 32 for float
+    images); gray: the file had one colour channel; mode: PIL's mode of the file."""
+    rgb: torch.Tensor
+    alpha: Optional[torch.Tensor] = None
+    bits: int = 8
+    gray: bool = False
+    mode: str = "RGB"
+
+
+_EXIF_ORIENTATION = 0x0112
+_PNG16_RAW = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L"}
+
+
+def _orient(a: np.ndarray, orientation) -> np.ndarray:
+    """Apply an EXIF orientation (1-8) to an [H, W, C] array, as PIL's exif_transpose."""
+    if orientation in (None, 1):
+        return a
+    ops = {2: lambda x: x[:, ::-1], 3: lambda x: x[::-1, ::-1], 4: lambda x: x[::-1],
+           5: lambda x: x.transpose(1, 0, 2), 6: lambda x: np.rot90(x, -1),
+           7: lambda x: x[::-1, ::-1].transpose(1, 0, 2), 8: lambda x: np.rot90(x, 1)}
+    if orientation not in ops:
+        return a
+    return np.ascontiguousarray(ops[orientation](a))
+
+
+def _png16(path, im) -> Optional[np.ndarray]:
+    """16-bit colour PNGs, which PIL decodes to 8 bits: the full uint16 [H, W, C] array
+    (C = 2 grey + alpha, 3 RGB, 4 RGBA), decoded by PIL twice (high and low bytes) or, for
+    grey + alpha, as raw bytes; None if the file is not such a PNG or the trick fails."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return _from_uint8(np.asarray(im.convert("RGB")))
+    tile = getattr(im, "tile", None)
+    if im.format != "PNG" or not tile or len(tile) != 1:
+        return None
+    raw = tile[0][3] if not hasattr(tile[0], "args") else tile[0].args
+    raw = raw[0] if isinstance(raw, tuple) else raw
+    try:
+        if raw in _PNG16_RAW:
+            with Image.open(path) as lo_im:
+                lo_im.tile = [lo_im.tile[0]._replace(args=_PNG16_RAW[raw])]
+                lo = np.asarray(lo_im)
+            with Image.open(path) as hi_im:
+                hi = np.asarray(hi_im)
+            return hi.astype(np.uint16) * 256 + lo
+        if raw == "LA;16B":                    # 4 bytes per pixel: read them as 8-bit RGBA
+            with Image.open(path) as b_im:
+                b_im.tile = [b_im.tile[0]._replace(args="RGBA")]
+                b = np.asarray(b_im).astype(np.uint16)
+            return np.stack([b[..., 0] * 256 + b[..., 1], b[..., 2] * 256 + b[..., 3]], -1)
+    except Exception:  # unusual PNG layouts: PIL's 8-bit decode below
+        return None
+    return None
 
 
-def save_image(tensor: torch.Tensor, path) -> None:
-    """Write a float tensor [3, H, W] (or [1, 3, H, W]) in [0, 1] as an 8-bit RGB file; the
-    format follows the extension of ``path``."""
+def read_image_file(path) -> ImageData:
+    """Read any single-frame image PIL opens, EXIF orientation applied (see ``ImageData``).
+
+    8-bit modes (1, L, LA, P with or without transparency, RGB, RGBA, CMYK, YCbCr, HSV, LAB
+    via an sRGB transform) scale by 1/255; 16-bit grey (I;16*) and 16-bit colour PNGs by
+    1/65535; 32-bit integer images (I) whose values fit 16 bits by 1/65535; float images (F)
+    must hold values in [0, 1]. Anything else (animated or multi-page files, I or F data
+    outside those ranges, NaN) raises ``ImageFormatError`` naming the file and the reason."""
+    from PIL import Image
+
+    try:
+        im = Image.open(path)
+    except Exception as e:
+        raise ImageFormatError(f"{path}: not an image PIL can read ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())})") from None
+    with im:
+        frames = getattr(im, "n_frames", 1)
+        if frames > 1:
+            raise ImageFormatError(f"{path}: {frames} frames (animated or multi-page); "
+                                   f"extract one frame and restore that")
+        deep = _png16(path, im)     # before anything loads the image (getexif may)
+        try:
+            orientation = im.getexif().get(_EXIF_ORIENTATION)
+        except Exception:
+            orientation = None
+        mode, bits, gray, alpha = im.mode, 8, False, None
+        try:
+            if deep is not None:
+                arr, bits = deep.astype(np.float32) / 65535.0, 16
+                gray = arr.shape[-1] == 2
+            elif mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+                arr, bits, gray = np.asarray(im).astype(np.float32) / 65535.0, 16, True
+            elif mode == "I":
+                a = np.asarray(im)
+                lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+                if lo < 0 or hi > 65535:
+                    raise ImageFormatError(f"{path}: 32-bit integer image with values "
+                                           f"[{lo}, {hi}], not 16-bit data; convert it to an "
+                                           f"8- or 16-bit image first")
+                arr, bits, gray = a.astype(np.float32) / 65535.0, 16, True
+            elif mode == "F":
+                arr, bits, gray = np.asarray(im).astype(np.float32), 32, True
+                if not np.isfinite(arr).all():
+                    raise ImageFormatError(f"{path}: float image with NaN or infinite values")
+                lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+                if lo < -1e-3 or hi > 1 + 1e-3:
+                    raise ImageFormatError(f"{path}: float image with values [{lo:.4g}, "
+                                           f"{hi:.4g}]; expected [0, 1] (scale it first)")
+                arr = arr.clip(0, 1)
+            elif mode in ("1", "L"):
+                arr, gray = np.asarray(im.convert("L")).astype(np.float32) / 255.0, True
+            elif mode in ("LA", "La", "PA") or (mode == "P" and "transparency" in im.info) \
+                    or mode in ("RGBA", "RGBa"):
+                conv = im.convert("LA") if mode == "LA" else im.convert("RGBA")
+                arr = np.asarray(conv).astype(np.float32) / 255.0
+                gray = mode == "LA"
+            elif mode == "LAB":
+                from PIL import ImageCms
+                srgb, lab = ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB")
+                conv = ImageCms.applyTransform(im, ImageCms.buildTransform(lab, srgb, "LAB",
+                                                                          "RGB"))
+                arr = np.asarray(conv).astype(np.float32) / 255.0
+            else:   # RGB, RGBX, P, CMYK, YCbCr, HSV
+                arr = np.asarray(im.convert("RGB")).astype(np.float32) / 255.0
+        except ImageFormatError:
+            raise
+        except Exception as e:
+            raise ImageFormatError(f"{path}: cannot convert PIL mode {mode!r} to RGB "
+                                   f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    arr = _orient(arr, orientation)
+    if arr.shape[2] in (2, 4):
+        alpha = torch.from_numpy(np.ascontiguousarray(arr[:, :, -1:].transpose(2, 0, 1)))
+        arr = arr[:, :, :-1]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    rgb = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return ImageData(rgb=rgb, alpha=alpha, bits=bits, gray=gray, mode=mode)
+
+
+def load_image(path) -> torch.Tensor:
+    """Read an image file as RGB: float32 tensor [3, H, W] in [0, 1] (``read_image_file``
+    without the alpha channel and file details)."""
+    return read_image_file(path).rgb
+
+
+def _png_bytes(a: np.ndarray) -> bytes:
+    """A 16-bit PNG (grey, grey + alpha, RGB, RGBA) of uint16 [H, W, C]; rows Sub-filtered."""
+    import struct
+    import zlib
+
+    h, w, c = a.shape
+    colour = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    rows = np.ascontiguousarray(a.astype(">u2")).view(np.uint8).reshape(h, w * c * 2)
+    bpp = 2 * c
+    filt = rows.copy()
+    filt[:, bpp:] = rows[:, bpp:] - rows[:, :-bpp]            # uint8 wrap-around = PNG Sub
+    data = np.concatenate([np.ones((h, 1), np.uint8), filt], 1).tobytes()
+
+    def chunk(kind, payload):
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(data, 6)) + chunk(b"IEND", b""))
+
+
+def save_image(tensor: torch.Tensor, path, *, alpha: Optional[torch.Tensor] = None,
+               bits: int = 8, gray: bool = False) -> list[str]:
+    """Write a float tensor [3, H, W] (or [1, 3, H, W]) in [0, 1]; the format follows the
+    extension of ``path``. ``alpha`` [1, H, W] / [H, W] in [0, 1] is written as the alpha
+    channel; ``bits`` 16 (or 32: float input) writes 16-bit PNG/TIFF samples (float TIFF for a
+    grey 32); ``gray`` writes one channel (BT.601 luma). Where the format cannot hold what is
+    asked (JPEG: no alpha, 8 bits; BMP: 8 bits; TIFF: 16-bit colour), it writes what it can
+    and returns a note per thing it dropped (else [])."""
     from PIL import Image
 
     if tensor.dim() == 4 and tensor.shape[0] == 1:
@@ -43,8 +216,50 @@ def save_image(tensor: torch.Tensor, path) -> None:
     if tensor.dim() != 3 or tensor.shape[0] != 3:
         raise ValueError(f"tensor: expected shape [3, H, W] or [1, 3, H, W], "
                          f"got {tuple(tensor.shape)}")
-    options = {"quality": 95} if str(path).lower().endswith((".jpg", ".jpeg")) else {}
-    Image.fromarray(_to_uint8(tensor)).save(path, **options)
+    if bits not in (8, 16, 32):
+        raise ValueError(f"bits: expected 8, 16 or 32, got {bits!r}")
+    h, w = tensor.shape[-2:]
+    if alpha is not None:
+        alpha = alpha.reshape(-1, *alpha.shape[-2:])[0] if alpha.dim() == 3 else alpha
+        if tuple(alpha.shape) != (h, w):
+            raise ValueError(f"alpha: expected shape [1, {h}, {w}] or [{h}, {w}], "
+                             f"got {tuple(alpha.shape)}")
+    ext = str(path).lower().rsplit(".", 1)[-1]
+    notes = []
+    if ext in ("jpg", "jpeg") and alpha is not None:
+        notes.append("alpha channel dropped (JPEG has none; write .png to keep it)")
+        alpha = None
+    if bits > 8 and ext not in ("png", "tif", "tiff"):
+        notes.append(f"written with 8-bit samples ({ext.upper()} holds no {bits}-bit data; "
+                     f"write .png to keep the depth)")
+        bits = 8
+    x = tensor.detach().to(torch.float64).clamp(0, 1).cpu()
+    if gray:
+        x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+    planes = x if alpha is None else torch.cat([x, alpha.detach().to(x).clamp(0, 1)[None]])
+    hwc = planes.permute(1, 2, 0).numpy()
+    options = {"quality": 95} if ext in ("jpg", "jpeg") else {}
+    if bits == 32 and ext in ("tif", "tiff") and gray and alpha is None:
+        Image.fromarray(hwc[:, :, 0].astype(np.float32)).save(path)
+        return notes
+    if bits > 8:
+        a16 = np.round(hwc * 65535).astype(np.uint16)
+        if ext == "png":
+            with open(path, "wb") as f:
+                f.write(_png_bytes(a16))
+            return notes
+        if a16.shape[2] == 1:                                   # TIFF, grey 16-bit
+            Image.fromarray(a16[:, :, 0]).save(path)
+            return notes
+        notes.append("written with 8-bit samples (16-bit colour TIFF is not supported here; "
+                     "write .png to keep the depth)")
+    a8 = np.round(hwc * 255).astype(np.uint8)
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[a8.shape[2]]
+    img = Image.fromarray(a8[:, :, 0] if mode == "L" else a8)
+    if ext in ("jpg", "jpeg", "bmp") and mode == "LA":
+        img = img.convert("L")
+    img.save(path, **options)
+    return notes
 
 
 def _from_uint8(array: np.ndarray) -> torch.Tensor:
@@ -138,8 +353,17 @@ def _model_param(model):
 
 # ----------------------------------------------------------------------------- restoration
 
+def count_tiles(height: int, width: int, tile: int = 256, overlap: int = 32,
+                mode: str = "tiled", batch: int = 1) -> int:
+    """Number of model inputs (tiles) ``restore`` runs for ``batch`` images of H x W."""
+    if mode == "resize":
+        return batch
+    h, w = max(height, tile), max(width, tile)
+    return batch * len(tile_starts(h, tile, overlap)) * len(tile_starts(w, tile, overlap))
+
+
 def restore(model, image, *, tile: int = 256, overlap: int = 32, batch_size: int = 8,
-            mode: str = "tiled", device=None, value_range=(0, 1)):
+            mode: str = "tiled", device=None, value_range=(0, 1), progress=None):
     """Restore an image of any size with a model that works on [n, 3, tile, tile] in [-1, 1].
 
     image: float tensor [3, H, W] or [B, 3, H, W] with values in ``value_range``; or a PIL image
@@ -154,7 +378,8 @@ def restore(model, image, *, tile: int = 256, overlap: int = 32, batch_size: int
 
     The model runs under torch.no_grad() on ``device`` (default: its first parameter's device,
     else the image's) in batches of at most ``batch_size`` tiles; its train/eval state is left
-    as the caller set it.
+    as the caller set it. ``progress``: optional callable(n) told after every model call how
+    many tiles it ran (``count_tiles`` gives the total), e.g. ``Progress.update``.
     """
     check_options(tile, overlap, batch_size, mode)
     kind = "tensor"
@@ -184,7 +409,7 @@ def restore(model, image, *, tile: int = 256, overlap: int = 32, batch_size: int
     with torch.no_grad():
         x4 = x if x.dim() == 4 else x[None]
         z = (x4.to(work_dtype).clamp(lo, hi) - lo) * (2 / (hi - lo)) - 1  # [B, 3, H, W] in [-1, 1]
-        run = _Runner(model, run_device, model_dtype, tile)
+        run = _Runner(model, run_device, model_dtype, tile, progress)
         y = _tiled(run, z, tile, overlap, batch_size) if mode == "tiled" \
             else _resized(run, z, tile, batch_size)
         out = ((y + 1) * ((hi - lo) / 2) + lo).clamp(lo, hi).to(x.dtype)
@@ -202,8 +427,9 @@ class _Runner:
     """Calls the model on one batch [n, 3, tile, tile]: moves it to the model's device and dtype,
     checks the output shape and brings the result back as the batch's device and dtype."""
 
-    def __init__(self, model, device, dtype, tile):
+    def __init__(self, model, device, dtype, tile, progress=None):
         self.model, self.device, self.dtype, self.tile = model, device, dtype, tile
+        self.progress = progress
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         inp = batch.to(device=self.device, dtype=self.dtype)
@@ -214,6 +440,8 @@ class _Runner:
         if out.shape != inp.shape:
             raise ValueError(f"model: returned shape {tuple(out.shape)} for input "
                              f"{tuple(inp.shape)}; expected the input's shape")
+        if self.progress is not None:
+            self.progress(len(batch))
         return out.to(device=batch.device, dtype=batch.dtype)
 
 

@@ -170,27 +170,20 @@ def pair_files(lq_dir: Union[str, Path], gt_dir: Union[str, Path], rule: Rule = 
 def read_image(path: Union[str, Path]):
     """Read an image file as a float32 tensor [3, H, W] in [0, 1], RGB.
 
-    Grey images are repeated to 3 channels, alpha is dropped, 16-bit images are scaled by
-    1/65535. Raises OSError naming the file if it cannot be read or decoded.
+    ``varformer.restoration.read_image_file`` without the alpha channel: every PIL mode
+    (grey repeated to 3 channels, palette, CMYK, 16-bit grey and colour PNGs scaled by
+    1/65535, float images in [0, 1]), EXIF orientation applied. Raises OSError naming the
+    file if it cannot be read, decoded or converted faithfully.
     """
-    import numpy as np
-    import torch
-    from PIL import Image
+    from varformer.restoration import read_image_file
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float32) / 65535.0
-            elif img.mode == "F":
-                arr = np.asarray(img, dtype=np.float32)
-            else:
-                arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except Exception as e:  # PIL raises various types for truncated / non-image files
-        raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return read_image_file(path).rgb
+    except OSError as e:
+        reason = str(e)
+        if reason.startswith(f"{path}: "):
+            reason = reason[len(f"{path}: "):]
+        raise OSError(f"cannot read image {path}: {reason}") from None
 
 
 def stable_seed(*parts) -> int:

@@ -181,6 +181,7 @@ def evaluate(model, test_sets, *, protocol: str = "tiled", save_dir=None, device
     """
     import torch
 
+    from varformer._progress import Progress
     from varformer.eval.metrics import psnr, ssim
     from varformer.restoration import check_options, restore, save_image
 
@@ -202,9 +203,11 @@ def evaluate(model, test_sets, *, protocol: str = "tiled", save_dir=None, device
             common = dict(protocol=protocol, tile=tile, overlap=overlap, task=ts.task,
                           set=ts.label, sigma=ts.sigma, crop_border=crop, y_channel=bool(y_chan))
             set_rows = []
+            bar = Progress(len(ts.pairs()), f"[{protocol}] {ts.task} / {ts.label} images")
             for name, lq, gt, _ in ts.items():
                 out = restore(model, lq, tile=tile, overlap=overlap, batch_size=batch_size,
                               mode=protocol, device=device)
+                bar.update()
                 out8 = (out.clamp(0, 1) * 255).round() / 255  # what a saved image holds
                 row = dict(common, image=name, psnr=psnr(out8, gt, crop, y_chan),
                            ssim=ssim(out8, gt, crop, y_chan), lpips=None)
@@ -219,6 +222,7 @@ def evaluate(model, test_sets, *, protocol: str = "tiled", save_dir=None, device
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     save_image(out8, dst)
                 set_rows.append(row)
+            bar.close()
             mean = dict(common, image=None, n=len(set_rows),
                         psnr=_mean(r["psnr"] for r in set_rows),
                         ssim=_mean(r["ssim"] for r in set_rows),
@@ -517,6 +521,12 @@ def eval_main(argv=None, *, _model=None) -> int:
             from varformer.cli import weights_error
             return fail(weights_error(args.weights, e))
         label = _model_label(model, args.weights, args.mode)
+        from varformer.cli import served_tile
+        served = served_tile(model)
+        if served is not None and cfg.tile != served:
+            return fail(f"tile: {cfg.tile} in {args.config}: VarFormer works on "
+                        f"{served}x{served} tiles only; set tile: {served} (overlap: "
+                        f"0-{served - 1} is free)")
     rows = run_config(cfg, model=model, out_dir=args.out, protocols=protocols, device=device,
                       lpips=lpips, batch_size=args.batch_size,
                       log=lambda s: print(s, file=sys.stderr),

@@ -614,23 +614,24 @@ class VarFormer(nn.Module):
         if path is not None:   # compare on a meta-device build before allocating the model
             problem = _mismatch(build(preset, mode, "meta").state_dict(), sds["path"])
             if problem:
-                fits = [(p_, m_) for p_ in ("full", "small") for m_ in MODES
-                        if (p_, m_) != (preset, mode)
-                        and not _mismatch(build(p_, m_, "meta").state_dict(), sds["path"])]
-                origin = ("from the file's metadata" if info is not None
-                          else "defaults for a file without varformer metadata")
-                hint = (f"; the file fits preset={fits[0][0]!r} mode={fits[0][1]!r} "
-                        f"(--preset {fits[0][0]} --mode {fits[0][1]})" if fits else
-                        "; no preset/mode fits it: is it a VarFormer checkpoint?")
-                if info is not None and (saved.get("preset"), saved.get("mode")) != \
-                        (preset, mode):
-                    hint += (f"; its metadata says preset={saved.get('preset')!r} "
-                             f"mode={saved.get('mode')!r}: drop the override")
-                elif info is not None:
-                    origin = "from the file's metadata"
+                overridden = info is not None and (saved.get("preset"), saved.get("mode")) \
+                    != (preset, mode)
+                if overridden:
+                    origin, hint = "", (f"; its metadata says preset={saved.get('preset')!r} "
+                                        f"mode={saved.get('mode')!r}: drop the override")
+                else:
+                    origin = (" (as its metadata says)" if info is not None else
+                              " (the defaults for a file without varformer metadata)")
+                    fits = [(p_, m_) for p_ in ("full", "small") for m_ in MODES
+                            if (p_, m_) != (preset, mode)
+                            and not _mismatch(build(p_, m_, "meta").state_dict(), sds["path"])]
+                    hint = (f"; the file fits preset={fits[0][0]!r} mode={fits[0][1]!r} "
+                            f"(--preset {fits[0][0]} --mode {fits[0][1]})" if fits else
+                            "; no preset/mode fits it: is it a VarFormer checkpoint?")
+                extra = f" and {kw}" if kw else ""
                 raise WeightsMismatchError(
                     f"VarFormer: {path} does not match the model built with preset={preset!r} "
-                    f"mode={mode!r}{' ' + str(kw) if kw else ''} ({origin}): {problem}{hint}")
+                    f"mode={mode!r}{extra}{origin}: {problem}{hint}")
         model = build(preset, mode)
         if path is not None:
             model.load_official(sds["path"], strict=True)
