@@ -118,9 +118,30 @@ def may_use_triton(x: torch.Tensor) -> bool:
                                 and x.dtype in TRITON_DTYPES)
 
 
-def backends() -> dict:
-    """What is available here and why not: {name: {"available": bool, "reason": str}}."""
-    info = {}
+class BackendReport(dict):
+    """``backends()``'s dict ({name: {"available": bool, "reason": str}}) that prints as a
+    table: backend | available | reason."""
+
+    def table(self) -> str:
+        rows = [("backend", "available", "reason")]
+        rows += [(name, "yes" if v.get("available") else "no", str(v.get("reason", "")))
+                 if name != "requested" else (name, "", f"VARFORMER_BACKEND={v.get('reason')}")
+                 for name, v in self.items()]
+        w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+        lines = [f"{a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
+        lines.insert(1, f"{'-' * w0}  {'-' * w1}  {'-' * 6}")
+        return "\n".join(lines)
+
+    __str__ = table
+
+    def __repr__(self) -> str:
+        return self.table()
+
+
+def backends() -> BackendReport:
+    """What is available here and why not: {name: {"available": bool, "reason": str}}, a
+    dict that prints as a table."""
+    info = BackendReport()
     for dev in ("cuda", "cpu"):
         ok, why = triton_status(dev)
         if dev == "cuda" and ok and not torch.cuda.is_available():

@@ -494,10 +494,11 @@ class Trainer:
             self.log.scalars(self.step, {f"train/{k}": v for k, v in rec.items() if k != "step"})
             if self.step % int(tc["log_every"]) == 0 or self.step == total:
                 rate = (self.step - s0) / max(time.time() - t0, 1e-9)
+                speed = f"{rate:.2f} it/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.1f} s/it"
                 terms = " ".join(f"{k} {rec[k]:.4f}" for k in ("ce", "feat", "l1", "psnr",
                                                                  "percep") if k in rec)
                 print(f"[{self.cfg['name']}] step {self.step}/{total} | loss {rec['loss']:.4f} "
-                      f"({terms}) | lr {rec['lr']:.2e} | {rate:.2f} it/s | ETA "
+                      f"({terms}) | lr {rec['lr']:.2e} | {speed} | ETA "
                       f"{_fmt_time((total - self.step) / max(rate, 1e-9))}", flush=True)
         if int(tc["ckpt_every"]) and self.step % int(tc["ckpt_every"]) == 0:
             self.save()
