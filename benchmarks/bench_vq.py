@@ -8,7 +8,16 @@ Quantize (f [B, 32, 16, 16] -> 10 index maps, VAR's ``f_to_idxBl_or_fhat``): VAR
 against ``MultiScaleQuantizer`` (fused area + lookup + gather per scale; on CUDA also replayed
 from a CUDA graph).
 
-Run: ``varformer bench --op vq [--device cuda] [--quick]``.
+On CPU the C++ provider's name says which inner-kernel variant ran (``VARFORMER_CPU_ISA``, default
+the widest this CPU runs) and that variant's estimated FP32 FMA peak at the benchmark's thread
+count (``harness.cpu_info``'s peak scaled to the variant's vector width; the table's "% FLOP
+peak" column is against the CPU's widest ISA). Lookup GFLOP/s count 2·N·V·C.
+
+Run: ``varformer bench --op vq [--device cuda] [--quick] [--load N]``. An AVX2-only machine is
+emulated on an AVX-512 one, for the fused kernel and the eager baseline alike, by::
+
+    VARFORMER_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+    ONEDNN_MAX_CPU_ISA=AVX2 varformer bench --op vq --device cpu --quick
 """
 from __future__ import annotations
 
@@ -31,6 +40,25 @@ def _faiss():
         return faiss
     except Exception:
         return None
+
+
+# FP32 FMA lanes and FLOP per lane per FMA unit and cycle of each C++ inner-kernel variant
+_ISA_LANES = {"avx512": (16, 2), "avx2": (8, 2), "baseline": (4, 1)}
+
+
+def cpu_kernel_label() -> str:
+    """'fused C++ (<variant>, peak ~P GFLOP/s)': the C++ CPU lookup's inner-kernel variant and
+    its estimated FP32 peak here (the harness's FMA-peak model at that vector width)."""
+    from varformer.benchmarks import harness
+    from varformer.ops import _ext
+    try:
+        isa = _ext.cpu_isa()
+    except RuntimeError as exc:
+        return f"fused C++ (unavailable: {str(exc).splitlines()[0][:60]})"
+    info = harness.cpu_info()
+    lanes, flop = _ISA_LANES[isa]
+    peak = info["cores_used"] * info["fma_units"] * lanes * flop * info["ghz"]
+    return f"fused C++ ({isa}, peak ~{peak:.0f} GFLOP/s)"
 
 
 def _codebook(device):
@@ -63,7 +91,7 @@ def lookup_case(B: int, device: str) -> Case:
                   Provider("fused CUDA C++", torch.float32,
                            mk(lambda z, E: vq_lookup(z, E, backend="csrc")))]
     else:
-        provs.append(Provider("fused C++", torch.float32,
+        provs.append(Provider(cpu_kernel_label(), torch.float32,
                               mk(lambda z, E: vq_lookup(z, E, backend="csrc"))))
         faiss = _faiss()
         if faiss is not None:
@@ -127,7 +155,7 @@ def cases(device: str, quick: bool = False, dtypes=None) -> list[Case]:
     if smoke():                          # VARFORMER_BENCH_SMOKE=1: one tiny case per op
         lookups, quants = [1], [1]
     elif quick:
-        lookups, quants = ([16], [16]) if device == "cpu" else ([16, 64], [1, 16])
+        lookups, quants = ([16, 64], [16]) if device == "cpu" else ([16, 64], [1, 16])
     else:
         lookups, quants = [1, 16, 64], [1, 16, 64]
     with torch.no_grad():

@@ -196,13 +196,14 @@ class MultiScaleQuantizer(nn.Module):
             raise ValueError(f"MultiScaleQuantizer: f's latent size {tuple(f.shape[2:])} must "
                              f"equal the last patch size {patch_hws[-1]} of v_patch_nums")
 
-    def _loop(self, f: Tensor, patch_hws, sq: Optional[Tensor] = None):
-        """The residual loop on detached f -> (idx list [B, ph·pw], f_hat after each scale,
-        φ(up(E[idx])) of each scale)."""
+    def _loop(self, f: Tensor, patch_hws, sq: Optional[Tensor] = None, every_fhat: bool = True):
+        """The residual loop on detached f -> (idx list [B, ph·pw], f_hat after each scale (only
+        the last one unless ``every_fhat``), φ(up(E[idx])) of each scale)."""
         with torch.autocast(f.device.type, enabled=False):     # latent math in fp32, as VAR
-            return self._loop_fp32(f, patch_hws, sq)
+            return self._loop_fp32(f, patch_hws, sq, every_fhat)
 
-    def _loop_fp32(self, f: Tensor, patch_hws, sq: Optional[Tensor] = None):
+    def _loop_fp32(self, f: Tensor, patch_hws, sq: Optional[Tensor] = None,
+                   every_fhat: bool = True):
         B, C, H, W = f.shape
         f_rest = f.detach().float().clone()
         f_hat = torch.zeros_like(f_rest)
@@ -219,8 +220,11 @@ class MultiScaleQuantizer(nn.Module):
             f_hat.add_(h)
             f_rest.sub_(h)
             idx_list.append(idx.reshape(B, ph * pw))
-            fhats.append(f_hat.clone())
+            if every_fhat:          # a copy per scale only where they are asked for
+                fhats.append(f_hat.clone())
             priors.append(h)
+        if not every_fhat and idx_list:
+            fhats.append(f_hat)
         return idx_list, fhats, priors
 
     def _graphable(self, f: Tensor) -> bool:
@@ -231,11 +235,11 @@ class MultiScaleQuantizer(nn.Module):
                 and not torch.cuda.is_current_stream_capturing()
                 and not torch.compiler.is_compiling())
 
-    def _run(self, f: Tensor, v_patch_nums=None):
+    def _run(self, f: Tensor, v_patch_nums=None, every_fhat: bool = True):
         patch_hws = self._patch_hws(v_patch_nums)
         self._check_f(f, patch_hws)
         if not self._graphable(f):
-            return self._loop(f, patch_hws)
+            return self._loop(f, patch_hws, every_fhat=every_fhat)
         key = (tuple(f.shape), f.dtype, f.device, tuple(patch_hws),
                tuple(p.data_ptr() for p in self.parameters()))
         g = self._graphs.get(key)
@@ -247,7 +251,7 @@ class MultiScaleQuantizer(nn.Module):
     def f_to_idxBl_or_fhat(self, f_BChw: Tensor, to_fhat: bool,
                            v_patch_nums: Optional[Sequence] = None) -> List[Tensor]:
         """f [B, C, H, W] -> per scale idx [B, ph·pw] (or f_hat after that scale [B, C, H, W])."""
-        idx_list, fhats, _ = self._run(f_BChw, v_patch_nums)
+        idx_list, fhats, _ = self._run(f_BChw, v_patch_nums, every_fhat=to_fhat)
         return fhats if to_fhat else idx_list
 
     def idxBl_to_var_input(self, gt_ms_idx_Bl: List[Tensor]) -> Optional[Tensor]:
@@ -367,7 +371,7 @@ class MultiScaleQuantizer(nn.Module):
     # ---- clean names for new code ----------------------------------------------------------------
     def quantize(self, f: Tensor, v_patch_nums: Optional[Sequence] = None) -> QuantizeOutput:
         """f [B, C, H, W] -> (indices per scale, f_hat [B, C, H, W], priors [B, SN, C, H, W])."""
-        idx_list, fhats, priors = self._run(f, v_patch_nums)
+        idx_list, fhats, priors = self._run(f, v_patch_nums, every_fhat=False)
         return QuantizeOutput(idx_list, fhats[-1], torch.stack(priors, 1))
 
     def teacher_forcing_input(self, indices: List[Tensor]) -> Optional[Tensor]:
