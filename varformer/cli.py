@@ -71,6 +71,25 @@ def _bench(args) -> int:
             dtypes.append(dt)
     smoke = harness.smoke()
     quick = args.quick or smoke
+    state = {"op": None, "log": None, "total": None}
+    try:
+        return _bench_run(args, harness, device, ops, dtypes, smoke, quick, state)
+    except KeyboardInterrupt:
+        if state["log"] is not None:
+            state["log"].close()
+        where = f" during {state['op']}" if state["op"] else ""
+        done = (f" after {state['log'].i} of {state['total']} measurements"
+                if state["log"] is not None else "")
+        print(f"varformer bench: interrupted{where}{done}"
+              + (f"; finished ops are in {args.out}" if args.out and state["log"] else ""),
+              file=sys.stderr)
+        return 130
+
+
+def _bench_run(args, harness, device, ops, dtypes, smoke, quick, state) -> int:
+    """Build every case, then measure op by op under the background load; ``state`` tells an
+    interrupt handler how far it got."""
+    import torch
 
     plan = []
     for op in ops:
@@ -79,7 +98,7 @@ def _bench(args) -> int:
             seen = set()
             cases = [c for c in cases if not (c.op in seen or seen.add(c.op))]
         plan.append((op, cases))
-    total = sum(c.n_measurements() for _, cases in plan for c in cases)
+    total = state["total"] = sum(c.n_measurements() for _, cases in plan for c in cases)
 
     with harness.BackgroundLoad(args.load, torch.get_num_threads()) as load:
         meter = harness.LoadMeter()
@@ -88,10 +107,12 @@ def _bench(args) -> int:
         print("\n".join(head), flush=True)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-        log = harness.Log(total, desc="varformer bench")
-        sections, done = [], 0
+        md_path = os.path.join(args.out, f"bench_{device}.md") if args.out else None
+        log = state["log"] = harness.Log(total, desc="varformer bench")
+        sections = []
         try:
             for op, cases in plan:
+                state["op"] = op
                 log.header(f"## {op}: {len(cases)} shape{'s' if len(cases) != 1 else ''}, "
                            f"{sum(c.n_measurements() for c in cases)} measurements")
                 csv_path = os.path.join(args.out, f"{op}_{device}.csv") if args.out else None
@@ -113,19 +134,15 @@ def _bench(args) -> int:
                 if args.out and rows:
                     harness.plot(rows, os.path.join(args.out, f"{op}_{device}.png"), device,
                                  meta["device"])
-                done += 1
-        except KeyboardInterrupt:
-            log.close()
-            print(f"varformer bench: interrupted during {plan[done][0]} after {log.i} of {total}"
-                  " measurements" + (f"; finished ops are in {args.out}" if args.out else ""),
-                  file=sys.stderr)
-            return 130
+                if md_path:     # rewritten after each op: an interrupted run keeps those done
+                    with open(md_path, "w") as f:
+                        f.write("\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n")
         finally:
             log.close()
         footer = f"- machine load during the run: {meter.describe()}"
         print("\n" + footer)
-    if args.out:
-        with open(os.path.join(args.out, f"bench_{device}.md"), "w") as f:
+    if md_path:
+        with open(md_path, "w") as f:
             f.write("\n".join(head) + "\n" + footer + "\n\n" + "\n\n".join(sections) + "\n")
     return 0
 
@@ -133,6 +150,21 @@ def _bench(args) -> int:
 WEIGHTS_HELP = ("the released VarFormer checkpoint (net_g_last.pth) cannot be bundled with this "
                 "package: download it from the Hugging Face repo wsy541/VarFormer and point "
                 "--weights to the downloaded file")
+
+
+def resolve_weights(path: str) -> str:
+    """``--weights``: a file as it is; a training run folder (``runs/tiny``) or its
+    ``checkpoints`` folder -> the EMA weights of its latest checkpoint."""
+    if not os.path.isdir(path):
+        return path
+    import json
+    for folder in (os.path.join(path, "checkpoints"), path):
+        pointer = os.path.join(folder, "latest")
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                return os.path.join(folder, json.load(f)["ema"])
+    raise ValueError(f"--weights {path!r} is a folder without a checkpoint ('latest' pointer "
+                     f"in it or in its checkpoints/ folder); give a weights file or a run folder")
 
 
 def weights_error(path, exc: BaseException) -> str:
@@ -192,6 +224,10 @@ def _restore(args) -> int:
     # checked before anything imports torch or builds a model
     if not args.weights:
         return fail(f"--weights FILE is required; {WEIGHTS_HELP}")
+    try:
+        args.weights = resolve_weights(args.weights)
+    except (ValueError, OSError, KeyError) as e:
+        return fail(str(e))
     if not os.path.isfile(args.weights):
         return fail(f"weights file {args.weights!r} not found; {WEIGHTS_HELP}")
     try:
@@ -332,7 +368,9 @@ def main(argv=None) -> int:
                    help="output folder (created; images saved as <name>.png), or for a single "
                         "input image a file name with an image extension")
     r.add_argument("--weights", metavar="FILE",
-                   help="checkpoint net_g_last.pth from the Hugging Face repo wsy541/VarFormer")
+                   help="checkpoint net_g_last.pth from the Hugging Face repo wsy541/VarFormer, "
+                        "a .safetensors file of varformer train, or its run folder (latest "
+                        "EMA weights)")
     r.add_argument("--mode", choices=["official", "paper"], default=None,
                    help="model variant (default: what the checkpoint's metadata says, as "
                         "written by varformer train; official for the released weights)")

@@ -1,4 +1,5 @@
-"""``varformer data check CONFIG``: verify a dataset layout before training or evaluation.
+"""``varformer data check CONFIG``: verify a dataset layout before training or evaluation
+(and ``varformer data sample DIR``: small demo pairs, ``varformer.data.sample``).
 
 For every training task and test set of the data config (see ``varformer.data.datasets``):
 the folders exist, every LQ file has its GT partner by name (and, strict, every GT its LQ),
@@ -181,6 +182,26 @@ def data_main(argv=None) -> int:
     group.add_argument("--sample", type=int, default=16, metavar="N",
                        help="pairs read per set, evenly spaced (default 16)")
     group.add_argument("--all", action="store_true", help="read every image")
+    q = sub.add_parser("sample", help="write a few small noisy/clean image pairs to try the "
+                                      "commands on (DIR/lq, DIR/gt)",
+                       description="Write N small LQ/GT pairs (smooth random colour images; LQ "
+                                   "with Gaussian noise) as DIR/lq/sample_<i>.png and "
+                                   "DIR/gt/sample_<i>.png, the layout configs/eval.yml reads.")
+    q.add_argument("folder", metavar="DIR")
+    q.add_argument("--n", type=int, default=2, help="number of pairs (default 2)")
+    q.add_argument("--size", default="96x128", metavar="HxW", help="image size (default 96x128)")
+    q.add_argument("--sigma", type=float, default=25.0,
+                   help="noise level of the LQ images, 0-255 scale (default 25)")
     args = parser.parse_args(argv)
+    if args.command == "sample":
+        from .sample import make_samples
+        try:
+            h, w = (int(v) for v in args.size.lower().split("x"))
+            pairs = make_samples(args.folder, args.n, h, w, args.sigma)
+        except ValueError as e:
+            print(f"varformer data sample: {e} (--size HxW, --n, --sigma)", file=sys.stderr)
+            return 2
+        print(f"wrote {len(pairs)} pairs to {args.folder}/lq and {args.folder}/gt")
+        return 0
     report = check(args.config, sample=None if args.all else args.sample)
     return 0 if report.ok else 1

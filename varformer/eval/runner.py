@@ -453,7 +453,8 @@ def _parser() -> argparse.ArgumentParser:
                     "writes results.md, results.csv, per_image.csv and the restored images.")
     ap.add_argument("config", help="YAML file listing the test sets (see varformer.eval.runner)")
     ap.add_argument("--weights", metavar="FILE",
-                    help="checkpoint net_g_last.pth (Hugging Face repo wsy541/VarFormer)")
+                    help="checkpoint net_g_last.pth (Hugging Face repo wsy541/VarFormer), a "
+                         ".safetensors file of varformer train, or its run folder")
     ap.add_argument("--protocol", choices=["tiled", "resize", "both"], default="both",
                     help="tiled: full resolution; resize: official 256x256 and back (default both)")
     ap.add_argument("--out", default="eval_results", metavar="DIR",
@@ -486,6 +487,12 @@ def eval_main(argv=None, *, _model=None) -> int:
     # checked before anything heavy is imported or built
     if _model is None and not args.weights:
         return fail(f"--weights FILE is required; {WEIGHTS_HELP}")
+    if _model is None:
+        from varformer.cli import resolve_weights
+        try:
+            args.weights = resolve_weights(args.weights)
+        except (ValueError, OSError, KeyError) as e:
+            return fail(str(e))
     if _model is None and not os.path.isfile(args.weights):
         return fail(f"weights file {args.weights!r} not found; {WEIGHTS_HELP}")
     if not os.path.isfile(args.config):
