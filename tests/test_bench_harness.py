@@ -324,7 +324,7 @@ def test_bench_smoke_run_end_to_end(tmp_path):
     assert "machine load during the run: load average" in stdout
     for op in cli.OPS:
         assert f"\n## {op}\n" in stdout
-        assert f"\n## {op}: " in stderr          # stderr section header
+        assert f"\n## {op}: " in "\n" + stderr   # stderr section header
     for op in ("mediator_attention", "window_attention", "vq_lookup", "vq_quantize", "model"):
         assert f"\nsummary {op} — geometric-mean speed-up vs " in stdout
         assert f"| {op} |" in stdout
@@ -343,3 +343,26 @@ def test_bench_smoke_run_end_to_end(tmp_path):
     md = (out / "bench_cpu.md").read_text()
     assert "- cpu_peak: est." in md and "- load: --load 1" in md and "summary model" in md
     assert _busy_children_of(proc.pid) == []
+
+
+def test_bench_ctrl_c_stops_cleanly_and_kills_the_load():
+    """Ctrl-C in the middle of a run: one line, exit code 130, no traceback, no busy process."""
+    env = dict(os.environ, VARFORMER_BENCH_SMOKE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "varformer", "bench", "--device", "cpu",
+                             "--op", "model", "--threads", "1", "--load", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:                 # the header comes once the load is running
+            if line.startswith("- command:"):
+                break
+        busy = _busy_children_of(proc.pid)
+        assert len(busy) == 1
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "varformer bench: interrupted during model after" in stderr
+    assert "Traceback" not in stderr
+    assert _wait_gone(busy) == []
