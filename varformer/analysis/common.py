@@ -4,7 +4,6 @@ image, and small image helpers (colour map, captioned grids)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,19 +24,16 @@ class UsageError(ValueError):
 
 # ---- models ------------------------------------------------------------------------------------
 def resolve_weights(path: str) -> str:
-    """A weights file, or a ``varformer train`` run folder (-> its latest EMA checkpoint)."""
-    p = Path(path)
-    if p.is_dir():
-        from varformer.train.checkpoint import CheckpointManager
-        info = CheckpointManager(str(p / "checkpoints") if (p / "checkpoints").is_dir()
-                                 else str(p)).latest()
-        if info is None:
-            raise UsageError(f"{path} is a folder without a checkpoint (expected a varformer "
-                             f"train run folder with checkpoints/latest)")
-        return info["ema"]
-    if not p.is_file():
+    """A weights file, or a ``varformer train`` run folder (-> its latest EMA checkpoint), as
+    ``varformer restore --weights`` takes it."""
+    from varformer.cli import resolve_weights as resolve
+    try:
+        path = resolve(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not os.path.isfile(path):
         raise UsageError(f"weights file {path!r} not found; {WEIGHTS_HELP}")
-    return str(p)
+    return path
 
 
 def load_model(weights: Optional[str], *, mode: Optional[str] = None,
@@ -133,7 +129,7 @@ def decode(model, z: Tensor) -> Tensor:
     return model.decoder(model.post_quant_conv(z)).clamp(-1, 1)
 
 
-# ---- pictures -------------------------------------------------------------------------------------
+# ---- pictures ------------------------------------------------------------------------------
 _JET = np.array([[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0],
                  [1.0, 0.0, 0.0], [0.5, 0.0, 0.0]])
 
