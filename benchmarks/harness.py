@@ -428,10 +428,10 @@ def run_case(case: Case, device: str, modes=None, quick=False,
             ok = ms == ms and ms > 0
             tfl = fl / (ms * 1e-3) / 1e12 if ok else float("nan")
             gbs = nb / (ms * 1e-3) / 1e9 if ok else float("nan")
-            roof = peaks.ideal_seconds(fl, nb, prov.dtype) / (ms * 1e-3) if peaks and ok \
+            known = peaks is not None and prov.dtype in peaks.flops
+            roof = peaks.ideal_seconds(fl, nb, prov.dtype) / (ms * 1e-3) if known and ok \
                 else float("nan")
-            fpk = tfl * 1e12 / peaks.flops[prov.dtype] if peaks and prov.dtype in peaks.flops \
-                else float("nan")
+            fpk = tfl * 1e12 / peaks.flops[prov.dtype] if known else float("nan")
             row = Row(case.op, case.shape, mode, prov.name, str(prov.dtype).replace("torch.", ""),
                       ms, p20, p80, peak, tfl, gbs, roof, float("nan"), note=note,
                       baseline=prov.baseline, flop_peak=fpk)

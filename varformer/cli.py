@@ -133,7 +133,8 @@ def _bench_run(args, harness, device, ops, dtypes, smoke, quick, state) -> int:
                 print("\n" + text, flush=True)
                 if args.out and rows:
                     harness.plot(rows, os.path.join(args.out, f"{op}_{device}.png"), device,
-                                 meta["device"])
+                                 meta["device"] + ("" if meta["load"] == "none"
+                                                   else f", {meta['load']}"))
                 if md_path:     # rewritten after each op: an interrupted run keeps those done
                     with open(md_path, "w") as f:
                         f.write("\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n")
