@@ -223,3 +223,14 @@ def test_cli_restore_keeps_16_bits_grey_and_alpha(tmp_path, rng, fake_model, cap
     rgba = Image.open(out / "rgba.png")
     assert rgba.mode == "RGBA"
     np.testing.assert_array_equal(np.asarray(rgba)[..., 3], al)
+
+
+def test_restore_api_takes_pil_images_of_any_mode(rng):
+    from varformer.restoration import restore
+    g16 = rng.integers(1000, 60000, (H, W), dtype=np.uint16)
+    out = restore(_Shift(), Image.fromarray(g16), tile=32, overlap=4)
+    assert out.mode == "RGB" and out.size == (W, H)
+    want = np.round(((g16 / 65535 * 2 - 1) * 0.9 + 1) / 2 * 255)
+    np.testing.assert_allclose(np.asarray(out)[..., 0], want, atol=1)
+    la = Image.fromarray(np.dstack([g16 >> 8, g16 & 255]).astype(np.uint8))
+    assert np.asarray(restore(_Shift(), la, tile=32, overlap=4)).shape == (H, W, 3)

@@ -92,6 +92,58 @@ def _png16(path, im) -> Optional[np.ndarray]:
     return None
 
 
+def _pil_to_array(im, name, deep: Optional[np.ndarray] = None):
+    """An opened PIL image -> (float32 array [H, W] or [H, W, C] in [0, 1], bits, gray,
+    mode); C = 2 or 4 when the last channel is alpha. ``deep``: the full 16-bit array of
+    a colour PNG (``_png16``). Raises ``ImageFormatError`` naming ``name``."""
+    path = name
+    mode, bits, gray = im.mode, 8, False
+    try:
+        if deep is not None:
+            arr, bits = deep.astype(np.float32) / 65535.0, 16
+            gray = arr.shape[-1] == 2
+        elif mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+            arr, bits, gray = np.asarray(im).astype(np.float32) / 65535.0, 16, True
+        elif mode == "I":
+            a = np.asarray(im)
+            lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+            if lo < 0 or hi > 65535:
+                raise ImageFormatError(f"{path}: 32-bit integer image with values "
+                                       f"[{lo}, {hi}], not 16-bit data; convert it to an "
+                                       f"8- or 16-bit image first")
+            arr, bits, gray = a.astype(np.float32) / 65535.0, 16, True
+        elif mode == "F":
+            arr, bits, gray = np.asarray(im).astype(np.float32), 32, True
+            if not np.isfinite(arr).all():
+                raise ImageFormatError(f"{path}: float image with NaN or infinite values")
+            lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+            if lo < -1e-3 or hi > 1 + 1e-3:
+                raise ImageFormatError(f"{path}: float image with values [{lo:.4g}, "
+                                       f"{hi:.4g}]; expected [0, 1] (scale it first)")
+            arr = arr.clip(0, 1)
+        elif mode in ("1", "L"):
+            arr, gray = np.asarray(im.convert("L")).astype(np.float32) / 255.0, True
+        elif mode in ("LA", "La", "PA") or (mode == "P" and "transparency" in im.info) \
+                or mode in ("RGBA", "RGBa"):
+            conv = im.convert("LA") if mode == "LA" else im.convert("RGBA")
+            arr = np.asarray(conv).astype(np.float32) / 255.0
+            gray = mode == "LA"
+        elif mode == "LAB":
+            from PIL import ImageCms
+            srgb, lab = ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB")
+            conv = ImageCms.applyTransform(im, ImageCms.buildTransform(lab, srgb, "LAB",
+                                                                      "RGB"))
+            arr = np.asarray(conv).astype(np.float32) / 255.0
+        else:   # RGB, RGBX, P, CMYK, YCbCr, HSV
+            arr = np.asarray(im.convert("RGB")).astype(np.float32) / 255.0
+    except ImageFormatError:
+        raise
+    except Exception as e:
+        raise ImageFormatError(f"{path}: cannot convert PIL mode {mode!r} to RGB "
+                               f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+    return arr, bits, gray, mode
+
+
 def read_image_file(path) -> ImageData:
     """Read any single-frame image PIL opens, EXIF orientation applied (see ``ImageData``).
 
@@ -117,53 +169,11 @@ def read_image_file(path) -> ImageData:
             orientation = im.getexif().get(_EXIF_ORIENTATION)
         except Exception:
             orientation = None
-        mode, bits, gray, alpha = im.mode, 8, False, None
-        try:
-            if deep is not None:
-                arr, bits = deep.astype(np.float32) / 65535.0, 16
-                gray = arr.shape[-1] == 2
-            elif mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-                arr, bits, gray = np.asarray(im).astype(np.float32) / 65535.0, 16, True
-            elif mode == "I":
-                a = np.asarray(im)
-                lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
-                if lo < 0 or hi > 65535:
-                    raise ImageFormatError(f"{path}: 32-bit integer image with values "
-                                           f"[{lo}, {hi}], not 16-bit data; convert it to an "
-                                           f"8- or 16-bit image first")
-                arr, bits, gray = a.astype(np.float32) / 65535.0, 16, True
-            elif mode == "F":
-                arr, bits, gray = np.asarray(im).astype(np.float32), 32, True
-                if not np.isfinite(arr).all():
-                    raise ImageFormatError(f"{path}: float image with NaN or infinite values")
-                lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
-                if lo < -1e-3 or hi > 1 + 1e-3:
-                    raise ImageFormatError(f"{path}: float image with values [{lo:.4g}, "
-                                           f"{hi:.4g}]; expected [0, 1] (scale it first)")
-                arr = arr.clip(0, 1)
-            elif mode in ("1", "L"):
-                arr, gray = np.asarray(im.convert("L")).astype(np.float32) / 255.0, True
-            elif mode in ("LA", "La", "PA") or (mode == "P" and "transparency" in im.info) \
-                    or mode in ("RGBA", "RGBa"):
-                conv = im.convert("LA") if mode == "LA" else im.convert("RGBA")
-                arr = np.asarray(conv).astype(np.float32) / 255.0
-                gray = mode == "LA"
-            elif mode == "LAB":
-                from PIL import ImageCms
-                srgb, lab = ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB")
-                conv = ImageCms.applyTransform(im, ImageCms.buildTransform(lab, srgb, "LAB",
-                                                                          "RGB"))
-                arr = np.asarray(conv).astype(np.float32) / 255.0
-            else:   # RGB, RGBX, P, CMYK, YCbCr, HSV
-                arr = np.asarray(im.convert("RGB")).astype(np.float32) / 255.0
-        except ImageFormatError:
-            raise
-        except Exception as e:
-            raise ImageFormatError(f"{path}: cannot convert PIL mode {mode!r} to RGB "
-                                   f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+        arr, bits, gray, mode = _pil_to_array(im, path, deep)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     arr = _orient(arr, orientation)
+    alpha = None
     if arr.shape[2] in (2, 4):
         alpha = torch.from_numpy(np.ascontiguousarray(arr[:, :, -1:].transpose(2, 0, 1)))
         arr = arr[:, :, :-1]
@@ -367,9 +377,11 @@ def restore(model, image, *, tile: int = 256, overlap: int = 32, batch_size: int
     """Restore an image of any size with a model that works on [n, 3, tile, tile] in [-1, 1].
 
     image: float tensor [3, H, W] or [B, 3, H, W] with values in ``value_range``; or a PIL image
-    or a uint8 numpy array [H, W, 3] (``value_range`` is then ignored). Returns the restored
-    image as the same kind and shape: a tensor on the image's device in its dtype, clamped to
-    ``value_range``; a PIL RGB image; or a uint8 array [H, W, 3].
+    of any mode (converted as ``read_image_file`` does; its alpha is not used) or a uint8 numpy
+    array [H, W, 3] (``value_range`` is then ignored). Returns the restored image as the same
+    kind and shape: a tensor on the image's device in its dtype, clamped to ``value_range``; an
+    8-bit PIL RGB image; or a uint8 array [H, W, 3]. To keep alpha and 16-bit depth in files,
+    use ``read_image_file`` and ``save_image`` around a tensor call (as ``varformer restore``).
 
     mode="tiled": tile x tile windows whose starts are ``tile - overlap`` apart (the last one
     aligned to the image end; images smaller than a tile are reflect-padded), blended with a
@@ -383,8 +395,12 @@ def restore(model, image, *, tile: int = 256, overlap: int = 32, batch_size: int
     """
     check_options(tile, overlap, batch_size, mode)
     kind = "tensor"
-    if _is_pil(image):
-        kind, x, (lo, hi) = "pil", _from_uint8(np.asarray(image.convert("RGB"))), (0.0, 1.0)
+    if _is_pil(image):   # any mode, converted as read_image_file does (alpha not used)
+        arr = _pil_to_array(image, "image")[0]
+        arr = np.repeat(arr[:, :, None], 3, 2) if arr.ndim == 2 else arr
+        arr = arr[:, :, :3] if arr.shape[2] != 2 else np.repeat(arr[:, :, :1], 3, 2)
+        kind, (lo, hi) = "pil", (0.0, 1.0)
+        x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(f"image: numpy arrays must be uint8 [H, W, 3], got dtype "

@@ -576,7 +576,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         trainer.train()
     except KeyboardInterrupt:
         return _interrupted(trainer, args, out)
-    except (OSError, KeyError, ValueError) as e:   # missing data, bad weights, bad config values
+    except (OSError, KeyError, ValueError, ImportError) as e:   # missing data, bad weights,
+        # bad config values, a model.factory that does not import
         if debug:
             raise
         step = f" at step {trainer.step}" if trainer is not None else ""
