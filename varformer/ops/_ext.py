@@ -41,6 +41,7 @@ CPU_SOURCES = (
     "vq_lookup_avx512.cpp",             # VQ lookup inner kernel, avx512f
     "vq_lookup_avx2.cpp",               # VQ lookup inner kernel, avx2 + fma
     "vq_lookup_baseline.cpp",           # VQ lookup inner kernel, portable 16-byte vectors
+    "window_attention.cpp",             # Swin window attention fwd/bwd (own schema fragment)
 )
 CUDA_SOURCES = ("vq_lookup_cuda.cu",)
 HEADERS = (                             # included by the sources; part of the build name's hash
@@ -121,9 +122,9 @@ def _error_excerpt(exc: BaseException, lines: int = 12) -> str:
     return "\n".join((errors or text)[:lines])
 
 
-def _has_kernel(key: str) -> bool:
+def _has_kernel(key: str, op: str = OP) -> bool:
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(OP, key)
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
     except Exception:
         return False
 
@@ -290,6 +291,8 @@ def lookup(z: torch.Tensor, codebook: torch.Tensor, sqnorm: torch.Tensor,
     return torch.ops.varformer_ext.vq_lookup(z, codebook, sqnorm, with_codes, 0)
 
 
+    if _has_kernel("CPU", f"{NAMESPACE}::window_attention_fwd"):
+        parts.append("window attention kernel " + torch.ops.varformer_ext.window_attention_isa())
 def find_nvcc() -> str | None:
     """nvcc from CUDA_HOME, CUDA_PATH, the conventional install prefix, or PATH."""
     for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):

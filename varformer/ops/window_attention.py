@@ -11,9 +11,12 @@ out is ready for the proj Linear.
 
 Implementations behind ``torch.ops.varformer.window_attention`` (chosen by ``_dispatch``):
 ``triton`` (``varformer.kernels.window_attention``: roll/partition/reverse in the addressing,
-region ids computed in-kernel, no score tensor), ``cpu`` (batched matmuls on partitioned windows
-with the bias and mask broadcast and the softmax in place on one score buffer), ``reference``
-(plain PyTorch). The backward of every path gives qkv and the bias table gradients; the table
+region ids computed in-kernel, no score tensor), ``cpu`` (the fused C++ kernel
+``csrc/window_attention.cpp``, ``torch.ops.varformer_ext.window_attention_fwd/_bwd``: one
+(image, window, head) per work item, shift and partition in the addressing, scores in per-thread
+buffers, outputs and gradients written in image layout; where the extension does not build, or
+for windows over 16x16, the chunked PyTorch path: batched matmuls on gathered window chunks with
+the bias and mask broadcast and the softmax in place), ``reference`` (plain PyTorch). The backward of every path gives qkv and the bias table gradients; the table
 gradient of the Triton path is deterministic (no atomics).
 """
 from __future__ import annotations
@@ -187,7 +190,7 @@ def _exp_(x: Tensor) -> Tensor:
     return x.clamp_(min=-700.0 if x.dtype == torch.float64 else -80.0).exp_()
 
 
-def _fwd_cpu(qkv, table, ws, shift, nh, scale, chunk_bytes: int = 8 << 20):
+def _fwd_chunked(qkv, table, ws, shift, nh, scale, chunk_bytes: int = 8 << 20):
     """Windows processed in chunks of about ``chunk_bytes`` of gathered qkv (whole pixel rows,
     one gather per chunk), bias and mask broadcast, the softmax in place with one exp; each
     chunk's output rows are written straight to their pixels (no window-order copy of out)."""
@@ -218,7 +221,8 @@ def _fwd_cpu(qkv, table, ws, shift, nh, scale, chunk_bytes: int = 8 << 20):
     return out.view(B, H, W, C), lse.to(_ct(qkv.dtype))
 
 
-def _bwd_cpu(dout, qkv, table, out, lse, ws, shift, nh, scale, chunk_bytes: int = 8 << 20):
+def _bwd_chunked(dout, qkv, table, out, lse, ws, shift, nh, scale,
+                 chunk_bytes: int = 8 << 20):
     """The reference backward window chunk by window chunk (as the forward: one row gather of
     qkv and dout per chunk, one [.., N, N] buffer reused for p and dS); each chunk's dqkv rows
     are written straight to their pixels and the bias-table gradient is summed over chunks."""
@@ -258,6 +262,61 @@ def _bwd_cpu(dout, qkv, table, out, lse, ws, shift, nh, scale, chunk_bytes: int 
             dqkv.index_copy_(0, r, d.reshape(-1, C3))
             g += ds.sum(0)
     return dqkv.view(B, H, W, C3), _table_grad(g, ws, table)
+
+
+# The C++ kernel: "auto" uses it where it is built (windows up to 16x16), "chunked" forces the
+# PyTorch chunked path, "csrc" requires the C++ kernel (an error if it is unavailable). Process-
+# wide; for tests and benchmarks.
+CPU_KERNEL = {"value": "auto"}
+_EXT_FWD = "varformer_ext::window_attention_fwd"
+CSRC_MAX_WINDOW = 16
+
+
+def cpu_kernel_status() -> tuple[bool, str]:
+    """(usable, reason if not) of the C++ CPU kernel; builds the extension on first call."""
+    from . import _ext
+    ok, why = _ext.cpu_status()
+    if ok and not _ext._has_kernel("CPU", _EXT_FWD):
+        return False, "the loaded C++ library has no window-attention kernel"
+    return ok, why
+
+
+def _use_csrc(ws: int) -> bool:
+    mode = CPU_KERNEL["value"]
+    if mode == "chunked":
+        return False
+    if mode not in ("auto", "csrc"):
+        raise ValueError(f"{OP}: CPU_KERNEL must be auto, csrc or chunked, got {mode!r}")
+    if ws > CSRC_MAX_WINDOW:
+        if mode == "csrc":
+            raise ValueError(f"{OP}: the C++ kernel takes windows of up to {CSRC_MAX_WINDOW}x"
+                             f"{CSRC_MAX_WINDOW} tokens, got window_size={ws}")
+        return False
+    ok, why = cpu_kernel_status()
+    if not ok and mode == "csrc":
+        raise RuntimeError(f"{OP}: CPU_KERNEL='csrc' but the C++ kernel is unavailable: {why}")
+    return ok
+
+
+def _fwd_cpu(qkv, table, ws, shift, nh, scale):
+    """The C++ kernel (compute in fp32, fp64 for fp64 inputs) or the chunked path."""
+    if not _use_csrc(ws):
+        return _fwd_chunked(qkv, table, ws, shift, nh, scale)
+    ct = _ct(qkv.dtype)
+    out, lse = torch.ops.varformer_ext.window_attention_fwd(qkv.to(ct).contiguous(),
+                                                            table.detach(), ws, shift, nh,
+                                                            float(scale))
+    return out.to(qkv.dtype), lse
+
+
+def _bwd_cpu(dout, qkv, table, out, lse, ws, shift, nh, scale):
+    if not _use_csrc(ws):
+        return _bwd_chunked(dout, qkv, table, out, lse, ws, shift, nh, scale)
+    ct = _ct(qkv.dtype)
+    dqkv, dtable = torch.ops.varformer_ext.window_attention_bwd(
+        dout.to(ct).contiguous(), qkv.to(ct).contiguous(), table.detach(),
+        out.to(ct).contiguous(), lse.to(ct).contiguous(), ws, shift, nh, float(scale))
+    return dqkv.to(qkv.dtype), dtable.to(table.dtype)
 
 
 def _bwd_reference(dout, qkv, table, out, lse, ws, shift, nh, scale):
