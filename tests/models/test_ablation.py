@@ -189,7 +189,63 @@ def test_tiny_ablation_training_run(tmp_path):
     info = trainer.ckpt.latest()
     sd = load_safetensors(info["ema"])
     assert not any(k.startswith("ft_layers.") or ".AFT." in k for k in sd)
-    model = VarFormer.small("paper", ablation="e")
+    kw = cfg["model"]["kwargs"]
+    assert kw["ablation"] == TABLE5_VARIANTS["e"]
+    model = VarFormer.small("paper", **kw)
     model.load_official(sd, strict=True)
     loaded = VarFormer.from_pretrained(info["ema"])          # switches from the checkpoint
     assert loaded.ablation == TABLE5_VARIANTS["e"] and loaded.mode == "paper"
+
+    # varformer eval --table5 on the run folder and on its checkpoint file
+    import numpy as np
+    from PIL import Image
+
+    from varformer.eval.runner import eval_main, evaluate
+    rng = np.random.default_rng(0)
+    for sub in ("lq", "gt"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+    gt = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(gt).save(tmp_path / "data" / "gt" / "a.png")
+    Image.fromarray(np.clip(gt * 0.5 + 20, 0, 255).astype(np.uint8)).save(
+        tmp_path / "data" / "lq" / "a.png")
+    (tmp_path / "eval.yml").write_text("root: data\nsets:\n  - {task: t, name: s, lq: lq, "
+                                       "gt: gt}\n")
+    out = tmp_path / "t5"
+    rc = eval_main([str(tmp_path / "eval.yml"), "--table5", str(tmp_path / "run"), info["ema"],
+                    "--protocol", "resize", "--out", str(out)])
+    assert rc == 0
+    lines = (out / "table5.csv").read_text().strip().splitlines()
+    assert len(lines) == 3 and all(",e," in ln and ",paper,true,false,false,true," in ln
+                                   for ln in lines[1:])
+    want = [r for r in evaluate(loaded, [("t", "s", str(tmp_path / "data" / "lq"),
+                                          str(tmp_path / "data" / "gt"))], protocol="resize")
+            if r["image"] is None][0]
+    assert abs(float(lines[1].split(",")[8]) - want["psnr"]) < 1e-4
+    assert "| e |" in (out / "table5.md").read_text()
+
+
+# ---- Table 5 ----------------------------------------------------------------------------------
+def test_table5_averages_tasks_then_runs():
+    from varformer.eval.table5 import format_table5, task_average
+
+    def row(task, name, p, s, image=None):
+        return dict(protocol="resize", task=task, set=name, image=image, psnr=p, ssim=s)
+    rows = [row("derain", "A", 29.0, 0.8, image="x.png"), row("derain", "A", 30.0, 0.9),
+            row("derain", "B", 32.0, 0.7), row("denoise", "C (σ=15)", 20.0, 0.5),
+            dict(row("denoise", "C (σ=15)", 21.0, 0.6), protocol="tiled")]
+    avg = task_average(rows)
+    assert avg["resize"]["tasks"] == {"derain": (31.0, 0.8), "denoise": (20.0, 0.5)}
+    assert avg["resize"]["psnr"] == pytest.approx(25.5)
+    assert avg["resize"]["ssim"] == pytest.approx(0.65)
+    assert avg["tiled"]["psnr"] == 21.0
+    md, text = format_table5([
+        {"run": "runs/x", "mode": "paper", "ablation": TABLE5_VARIANTS["c"], "results": avg},
+        {"run": "runs/y", "mode": "official", "ablation": dict(TABLE5_VARIANTS["f"], aft=False,
+                                                                adapter=False, skip=False),
+         "results": avg}])
+    assert "| c | runs/x | paper | ✓ |  | ✓ | ✓ | 25.50 | 0.650 |" in md
+    assert "| – | runs/y | official |  |  |  | ✓ | 25.50 | 0.650 |" in md
+    assert md.count("### Table 5") == 2
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("protocol,exp,run,mode,skip,adapter,aft,dae,psnr,ssim,derain psnr")
+    assert len(lines) == 5 and lines[1].startswith("resize,c,runs/x,paper,true,false,true,true,")

@@ -472,6 +472,11 @@ def _parser() -> argparse.ArgumentParser:
                          "(with --lpips-linear)")
     ap.add_argument("--lpips-linear", metavar="FILE",
                     help="lpips package file lpips/weights/v0.1/alex.pth (with --lpips-backbone)")
+    ap.add_argument("--table5", nargs="+", metavar="RUN",
+                    help="the paper's Table 5 for these runs instead of --weights: run folders "
+                         "or checkpoints (their ablation switches from the metadata); rows = "
+                         "runs, columns = PSNR / SSIM averaged over the config's tasks "
+                         "(varformer.eval.table5)")
     return ap
 
 
@@ -479,6 +484,9 @@ def eval_main(argv=None, *, _model=None) -> int:
     """``varformer eval``; returns the exit status (2 for usage and input errors)."""
     args = _parser().parse_args(argv)
     # _model (not a command-line option): a model object to use instead of --weights (tests)
+    if args.table5:
+        from .table5 import table5_main
+        return table5_main(args)
 
     def fail(message) -> int:
         print(f"varformer eval: {message}", file=sys.stderr)
