@@ -130,7 +130,7 @@ def table5_main(args) -> int:
         try:
             path = resolve_weights(run)
         except (ValueError, OSError) as e:
-            return fail(str(e))
+            return fail(f"run {run!r}: {e}")
         if not os.path.isfile(path):
             return fail(f"run {run!r}: no weights file or run folder there")
         files.append(path)
