@@ -139,6 +139,129 @@ def test_empty_batch_and_queries(backend):
     assert m.grad.abs().sum() == 0
 
 
+# ---------------------------------------------------------------------------- CPU unit path
+# The CPU path cuts each stage into units run by worker threads; the shapes above are small
+# enough to take its one-call inline branch, so these tests force the units on small shapes.
+import importlib  # noqa: E402
+
+_mam = importlib.import_module("varformer.ops.mediator_attention")
+
+
+@pytest.fixture
+def cpu_units(monkeypatch):
+    """Worker threads for every call; query blocks of >= 4 rows, key chunks of >= 8 keys."""
+    monkeypatch.setattr(_mam, "CPU_INLINE_FLOPS", 0)
+    monkeypatch.setattr(_mam, "CPU_UNIT_ROWS", 4)
+    monkeypatch.setattr(_mam, "CPU_UNIT_KEYS", 8)
+    monkeypatch.setenv("VARFORMER_BACKEND", "auto")
+
+
+def _err(a, b, floor):
+    """Relative error; `floor` stands in for |b| where b is ~0 analytically (L = 1 gives dq = 0)."""
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values in result"
+    return ((a - b).norm() / max(b.norm().item(), floor)).item()
+
+
+# (B, H, N, L, Nk, d): stage 1 in key chunks (L < Nk), stage 2 in query blocks, heads split
+# when B*H >= 8 units; N = 1, L = 1, N < L; head dims 20..320
+UNIT_SHAPES = [
+    (1, 1, 70, 16, 90, 20),
+    (1, 1, 1, 5, 61, 40),
+    (2, 3, 33, 1, 45, 32),
+    (1, 1, 17, 100, 70, 80),
+    (1, 2, 45, 9, 130, 160),
+    (1, 1, 13, 6, 41, 320),
+    (3, 4, 25, 7, 19, 20),    # B*H = 12 >= 8: units are head ranges
+]
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU path")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", UNIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_units_match_float64_reference(cpu_units, dtype, shape):
+    B, H, N, L, Nk, d = shape
+    q, m, k, v = make(*shape, dtype, grad=True)
+    out, summary, lse_s, lse_o = torch.ops.varformer.mediator_attention(q, m, k, v, d ** -0.5)
+    g_out, g_sum = torch.randn_like(out), torch.randn_like(summary)
+    (out * g_out).sum().add_((summary * g_sum).sum()).backward()
+    ref_in = [t.detach().double().requires_grad_() for t in (q, m, k, v)]
+    qq, mm, kk, vv = ref_in
+    a1, a2 = mm @ kk.mT * d ** -0.5, qq @ mm.mT * d ** -0.5
+    s_ref = torch.softmax(a1, -1) @ vv
+    o_ref = torch.softmax(a2, -1) @ s_ref
+    (o_ref * g_out.double()).sum().add_((s_ref * g_sum.double()).sum()).backward()
+    tol_f, tol_b = TOL[dtype]
+    assert out.dtype == summary.dtype == dtype
+    assert rel_err(out, o_ref) < tol_f and rel_err(summary, s_ref) < tol_f
+    assert rel_err(lse_s, a1.logsumexp(-1)) < tol_f and rel_err(lse_o, a2.logsumexp(-1)) < tol_f
+    floor = 1e-3 * g_out.double().norm().item()
+    for name, t, r in zip("qmkv", (q, m, k, v), ref_in):
+        assert t.grad.dtype == dtype and t.grad.shape == t.shape, name
+        assert _err(t.grad, r.grad, floor) < tol_b, name
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU path")
+def test_cpu_units_cover_every_split(cpu_units):
+    """The plans behind UNIT_SHAPES: key chunks, query blocks and head ranges all occur."""
+    seen = set()
+    for B, H, N, L, Nk, d in UNIT_SHAPES:
+        for Tq, Tk in ((L, Nk), (N, L)):
+            heads, qr, kr = _mam._cpu_plan(B * H, Tq, Tk, workers=2)
+            seen |= {"keys"} if len(kr) > 1 else set()
+            seen |= {"queries"} if len(qr) > 1 else set()
+            seen |= {"heads"} if any(g1 - g0 > 1 for g0, g1 in heads) else set()
+            covered = [(g, a, c) for g in range(B * H) for a in range(Tq) for c in range(Tk)]
+            n_units = sum((g1 - g0) * (a1 - a0) * (c1 - c0) for g0, g1 in heads
+                          for a0, a1 in qr for c0, c1 in kr)
+            assert n_units == len(covered)   # the units tile the problem exactly once
+    assert seen == {"keys", "queries", "heads"}
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU path")
+@pytest.mark.parametrize("workers", [1, 3])
+def test_cpu_units_deterministic_and_thread_count_kept(cpu_units, monkeypatch, workers):
+    monkeypatch.setattr(_mam, "_cpu_workers", lambda: workers)
+    q, m, k, v = make(1, 2, 50, 9, 80, 20, torch.float32, grad=True)
+    before = torch.get_num_threads()
+    runs = []
+    for _ in range(2):
+        out = mediator_attention(q, m, k, v)
+        out.square().sum().backward()
+        runs.append([out.detach().clone()] + [t.grad.clone() for t in (q, m, k, v)])
+        for t in (q, m, k, v):
+            t.grad = None
+    assert torch.get_num_threads() == before
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert rel_err(runs[0][0], reference64(q, m, k, v)) < 2e-5
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU path")
+def test_cpu_units_keep_callers_denormals_and_modes(cpu_units):
+    """Workers flush denormals in their own threads only; inference mode carries over."""
+    tiny = torch.tensor([1e-38], dtype=torch.float32)
+    q, m, k, v = make(1, 1, 40, 6, 50, 20, torch.float32, mag=8.0)
+    with torch.inference_mode():
+        out = mediator_attention(q, m, k, v)
+    assert out.is_inference() and rel_err(out, reference64(q, m, k, v)) < 2e-5
+    assert (tiny / 100).item() != 0.0            # the caller still computes denormals
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU path")
+def test_cpu_units_reraise_worker_errors(cpu_units, monkeypatch):
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("unit failed on purpose")
+    monkeypatch.setattr(_mam, "_SDPA", failing)
+    q, m, k, v = make(1, 1, 30, 5, 40, 20, torch.float32)
+    with pytest.raises(RuntimeError, match="unit failed on purpose"):
+        mediator_attention(q, m, k, v)
+    assert calls and torch.get_num_threads() >= 1
+
+
 # ---------------------------------------------------------------------------- registration
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_opcheck(backend):

@@ -8,8 +8,9 @@ Implementations behind ``torch.ops.varformer.mediator_attention`` (chosen by ``_
 
 * ``triton`` — ``varformer.kernels.mediator_attention``: two flash-style stages, split-KV for
   stage 1, recomputing backward; no N×L / L×N map in forward or backward.
-* ``cpu`` — two calls of PyTorch's fused CPU flash-attention kernels (forward and backward), also
-  without N×L maps.
+* ``cpu`` — PyTorch's flash CPU kernels (forward and backward, no N×L maps), each stage cut into
+  units (query blocks; key chunks merged by log-sum-exp) that single-threaded worker threads
+  pull dynamically, so a busy machine slows it no more than it slows eager PyTorch.
 * ``reference`` — plain matmul/softmax in fp32 (fp64 for fp64 inputs) with an explicit backward.
 
 The registered op returns ``(out, summary, lse_summary, lse_out)``: the summary ``S = softmax(M
@@ -18,6 +19,8 @@ fp32, fp64 for fp64 inputs) are what the backward needs. ``mediator_attention`` 
 """
 from __future__ import annotations
 
+import itertools
+import threading
 from typing import Optional
 
 import torch
@@ -105,25 +108,188 @@ def _bwd_reference(g_out, g_s, q, m, k, v, out, s, lse_s, lse_o, scale):
     return tuple(t.to(q.dtype) for t in (dq, dm1 + dm2, dk, dv))
 
 
-def _fwd_cpu(q, m, k, v, scale):
-    # PyTorch's CPU flash kernel gives wrong results on some strided inputs (e.g. a d-major k):
-    # hand it dense tensors (no copy when already contiguous).
-    q, m, k, v = (t.contiguous() for t in (q, m, k, v))
-    s, lse_s = _aten._scaled_dot_product_flash_attention_for_cpu(m, k, v, 0.0, False, scale=scale)
-    out, lse_o = _aten._scaled_dot_product_flash_attention_for_cpu(q, m, s, 0.0, False,
-                                                                   scale=scale)
+# --------------------------------------------------------------------------------------------
+# CPU path: each attention is cut into units (head ranges, query blocks or key chunks), each
+# unit one single-threaded call of PyTorch's flash CPU kernels; worker threads pull units in
+# order. No OpenMP region or barrier per unit: a worker the OS deschedules (a busy machine)
+# delays only the units it holds, the others keep pulling. Workers flush denormals (FTZ/DAZ,
+# their own MXCSR): exp of very negative scores otherwise takes a microcode slow path (>10×).
+# --------------------------------------------------------------------------------------------
+_SDPA = _aten._scaled_dot_product_flash_attention_for_cpu
+_SDPA_BWD = _aten._scaled_dot_product_flash_attention_for_cpu_backward
+CPU_UNIT_ROWS = 256          # least rows per query block (the flash kernel's own block)
+CPU_UNIT_KEYS = 512          # least keys per key chunk
+CPU_INLINE_FLOPS = 2e7       # below this, one call in the calling thread (no workers)
+
+
+def _cpu_workers() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _run_units(n_units: int, fn, workers: int) -> None:
+    """fn(u) for u in range(n_units) on min(workers, n_units) threads, each single-threaded,
+    pulling the next unit when done (dynamic). Re-raises the first error of any unit."""
+    nxt = itertools.count()
+    errors: list = []
+    inference = torch.is_inference_mode_enabled()
+
+    def work():
+        try:
+            torch.set_num_threads(1)         # this thread's OpenMP/MKL count (thread-local)
+            torch.set_flush_denormal(True)   # this thread's MXCSR only
+            with torch.inference_mode(inference), torch.no_grad():
+                while not errors:
+                    u = next(nxt)
+                    if u >= n_units:
+                        return
+                    fn(u)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            errors.append(exc)
+
+    threads_before = torch.get_num_threads()
+    started = []
+    try:
+        for i in range(min(workers, n_units)):
+            t = threading.Thread(target=work, name=f"varformer-cpu-{i}", daemon=True)
+            t.start()
+            started.append(t)
+    finally:
+        for t in started:
+            t.join()
+        # set_num_threads in a worker also sets the default that new threads start from
+        torch.set_num_threads(threads_before)
+    if errors:
+        raise errors[0]
+
+
+def _ranges(n: int, parts: int) -> list:
+    parts = max(1, min(n, parts))
+    return [((n * i) // parts, (n * (i + 1)) // parts) for i in range(parts)]
+
+
+def _cpu_plan(G: int, Tq: int, Tk: int, workers: int):
+    """Units of one attention q [G,Tq,d] over k/v [G,Tk,d]: (head ranges, query ranges, key
+    ranges), at least max(8, 2·workers) units where the sizes allow. The longer of Tq and Tk
+    is split (key chunks give partial results that the caller merges)."""
+    target = max(8, 2 * workers)
+    if G >= target:
+        return _ranges(G, target), [(0, Tq)], [(0, Tk)]
+    per_head = -(-target // G)
+    heads = _ranges(G, G)
+    if Tq >= Tk:
+        return heads, _ranges(Tq, min(per_head, max(1, Tq // CPU_UNIT_ROWS))), [(0, Tk)]
+    return heads, [(0, Tq)], _ranges(Tk, min(per_head, max(1, Tk // CPU_UNIT_KEYS)))
+
+
+def _unit(t: Tensor, g: tuple, r: tuple) -> Tensor:
+    """[G, T, d] -> the [1, heads, rows, d] view the flash kernel takes."""
+    return t[g[0]:g[1], r[0]:r[1]].unsqueeze(0)
+
+
+def _cpu_attention_fwd(q, k, v, scale, workers):
+    """softmax(q kᵀ s) v and its log-sum-exp. q [G,Tq,d], k/v [G,Tk,d] contiguous ->
+    (out [G,Tq,d] in q's dtype, lse [G,Tq] fp32, fp64 for fp64)."""
+    G, Tq, d = q.shape
+    Tk = k.shape[1]
     lt = _lse_dtype(q.dtype)
-    return out.contiguous(), s.contiguous(), lse_s.to(lt).contiguous(), lse_o.to(lt).contiguous()
+    if 4.0 * G * Tq * Tk * d < CPU_INLINE_FLOPS:
+        out, lse = _SDPA(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, False, scale=scale)
+        return out[0].contiguous(), lse[0].to(lt).contiguous()
+    heads, qr, kr = _cpu_plan(G, Tq, Tk, workers)
+    units = [(g, a, c) for g in heads for a in qr for c in range(len(kr))]
+    out = torch.empty_like(q)
+    lse = torch.empty(G, Tq, dtype=lt)
+    if len(kr) == 1:
+        def run(u):
+            g, a, _ = units[u]
+            o, l = _SDPA(_unit(q, g, a), _unit(k, g, kr[0]), _unit(v, g, kr[0]), 0.0, False,
+                         scale=scale)
+            out[g[0]:g[1], a[0]:a[1]] = o[0]
+            lse[g[0]:g[1], a[0]:a[1]] = l[0]
+        _run_units(len(units), run, workers)
+        return out, lse
+    # key chunks: partial (out_c, lse_c) per chunk, merged by their log-sum-exps in chunk order
+    ct = _compute_dtype(q.dtype)
+    part_o = torch.empty(len(kr), G, Tq, d, dtype=ct)
+    part_l = torch.empty(len(kr), G, Tq, dtype=lt)
+
+    def run(u):
+        g, a, c = units[u]
+        o, l = _SDPA(_unit(q, g, a), _unit(k, g, kr[c]), _unit(v, g, kr[c]), 0.0, False,
+                     scale=scale)
+        part_o[c, g[0]:g[1], a[0]:a[1]] = o[0]
+        part_l[c, g[0]:g[1], a[0]:a[1]] = l[0]
+    _run_units(len(units), run, workers)
+    top = part_l.amax(0)
+    w = (part_l - top).exp_()
+    total = w.sum(0)
+    w.div_(total).unsqueeze_(-1)
+    out.copy_(part_o.mul_(w).sum(0))
+    torch.add(top, total.log_(), out=lse)
+    return out, lse
+
+
+def _cpu_attention_bwd(do, q, k, v, out, lse, scale, workers):
+    """Gradients (dq, dk, dv) of softmax(q kᵀ s) v from its output and log-sum-exp (the
+    flash kernel recomputes the probabilities). Shapes as ``_cpu_attention_fwd``; contiguous."""
+    G, Tq, d = q.shape
+    Tk = k.shape[1]
+    if 4.0 * G * Tq * Tk * d < CPU_INLINE_FLOPS:
+        gq, gk, gv = _SDPA_BWD(do.unsqueeze(0), q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                               out.unsqueeze(0), lse.unsqueeze(0), 0.0, False, scale=scale)
+        return gq[0], gk[0], gv[0]
+    heads, qr, kr = _cpu_plan(G, Tq, Tk, workers)
+    units = [(g, a, c) for g in heads for a in range(len(qr)) for c in range(len(kr))]
+    ct = _compute_dtype(q.dtype)
+    # a gradient summed over the other side's blocks gets one partial per block (fixed order)
+    dq = torch.empty_like(q) if len(kr) == 1 else torch.empty(len(kr), G, Tq, d, dtype=ct)
+    dk = torch.empty_like(k) if len(qr) == 1 else torch.empty(len(qr), G, Tk, d, dtype=ct)
+    dv = torch.empty_like(v) if len(qr) == 1 else torch.empty(len(qr), G, Tk, d, dtype=ct)
+
+    def run(u):
+        g, a, c = units[u]
+        rq, rk = qr[a], kr[c]
+        gq, gk, gv = _SDPA_BWD(_unit(do, g, rq), _unit(q, g, rq), _unit(k, g, rk),
+                               _unit(v, g, rk), _unit(out, g, rq),
+                               lse[g[0]:g[1], rq[0]:rq[1]].unsqueeze(0), 0.0, False, scale=scale)
+        (dq if len(kr) == 1 else dq[c])[g[0]:g[1], rq[0]:rq[1]] = gq[0]
+        (dk if len(qr) == 1 else dk[a])[g[0]:g[1], rk[0]:rk[1]] = gk[0]
+        (dv if len(qr) == 1 else dv[a])[g[0]:g[1], rk[0]:rk[1]] = gv[0]
+    _run_units(len(units), run, workers)
+    if len(kr) > 1:
+        dq = dq.sum(0).to(q.dtype)
+    if len(qr) > 1:
+        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
+    return dq, dk, dv
+
+
+def _heads_flat(t: Tensor) -> Tensor:
+    return t.contiguous().view(-1, t.shape[-2], t.shape[-1])
+
+
+def _fwd_cpu(q, m, k, v, scale):
+    B, H, N, d = q.shape
+    L = m.shape[2]
+    workers = _cpu_workers()
+    q3, m3, k3, v3 = (_heads_flat(t) for t in (q, m, k, v))
+    s, lse_s = _cpu_attention_fwd(m3, k3, v3, scale, workers)
+    out, lse_o = _cpu_attention_fwd(q3, m3, s, scale, workers)
+    return (out.view(B, H, N, d), s.view(B, H, L, d), lse_s.view(B, H, L),
+            lse_o.view(B, H, N))
 
 
 def _bwd_cpu(g_out, g_s, q, m, k, v, out, s, lse_s, lse_o, scale):
-    bwd = _aten._scaled_dot_product_flash_attention_for_cpu_backward
-    q, m, k, v = (t.contiguous() for t in (q, m, k, v))
-    dq, dm2, ds = bwd(g_out.contiguous(), q, m, s, out, lse_o, 0.0, False, scale=scale)
+    G, d = q.shape[0] * q.shape[1], q.shape[-1]
+    workers = _cpu_workers()
+    q3, m3, k3, v3, o3, s3, g3 = (_heads_flat(t) for t in (q, m, k, v, out, s, g_out))
+    dq, dm2, ds = _cpu_attention_bwd(g3, q3, m3, s3, o3, lse_o.reshape(G, -1).contiguous(),
+                                     scale, workers)
     if g_s is not None:
-        ds = ds + g_s
-    dm1, dk, dv = bwd(ds.contiguous(), m, k, v, s, lse_s, 0.0, False, scale=scale)
-    return dq, (dm1.float() + dm2.float()).to(q.dtype), dk, dv
+        ds = (ds.to(_compute_dtype(q.dtype)) + _heads_flat(g_s)).to(q.dtype)
+    dm1, dk, dv = _cpu_attention_bwd(ds, m3, k3, v3, s3, lse_s.reshape(G, -1).contiguous(),
+                                     scale, workers)
+    dm = (dm1.to(_compute_dtype(q.dtype)) + dm2).to(q.dtype)
+    return dq.view(q.shape), dm.view(m.shape), dk.view(k.shape), dv.view(v.shape)
 
 
 def _fwd_triton(q, m, k, v, scale):
