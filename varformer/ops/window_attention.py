@@ -272,12 +272,33 @@ _EXT_FWD = "varformer_ext::window_attention_fwd"
 CSRC_MAX_WINDOW = 16
 
 
+_FAKES = []
+
+
+def _register_ext_fakes() -> None:
+    """Fake (meta) kernels of the C++ ops, so that they trace and pass opcheck on their own."""
+    if _FAKES:
+        return
+
+    @torch.library.register_fake("varformer_ext::window_attention_fwd")
+    def _(qkv, rpb_table, window_size, shift_size, num_heads, scale):
+        B, H, W, C3 = qkv.shape
+        return qkv.new_empty((B, H, W, C3 // 3)), qkv.new_empty((B, num_heads, H * W))
+
+    @torch.library.register_fake("varformer_ext::window_attention_bwd")
+    def _(grad_out, qkv, rpb_table, out, lse, window_size, shift_size, num_heads, scale):
+        return qkv.new_empty(qkv.shape), qkv.new_empty(rpb_table.shape)
+    _FAKES.append(True)
+
+
 def cpu_kernel_status() -> tuple[bool, str]:
     """(usable, reason if not) of the C++ CPU kernel; builds the extension on first call."""
     from . import _ext
     ok, why = _ext.cpu_status()
     if ok and not _ext._has_kernel("CPU", _EXT_FWD):
         return False, "the loaded C++ library has no window-attention kernel"
+    if ok:
+        _register_ext_fakes()
     return ok, why
 
 
