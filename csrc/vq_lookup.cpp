@@ -17,8 +17,8 @@
 //
 // Threads: torch's own pool (at::parallel_for, i.e. the OpenMP runtime torch itself runs on),
 // one parallel region per call, items handed out dynamically (a thread the OS delays does not
-// hold back the others' work), and calls too small to pay for a region run on the calling
-// thread. Extra memory: per-thread tiles, plus O(N) partials when codes are split (small N).
+// hold back the others' work); calls too small to pay for a region run on the calling thread,
+// and on an oversubscribed machine a call uses only the CPUs other processes leave free. Extra memory: per-thread tiles, plus O(N) partials when codes are split (small N).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -40,8 +40,53 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__linux__)
+#include <sched.h>
+
+#include <chrono>
+#include <cstdio>
+#endif
+
 namespace varformer_vq {
 namespace {
+
+// ------------------------------------------------------------------------------ busy machine
+// Threads worth using when `want` are asked for: at most the CPUs that other processes' runnable
+// threads leave free (the running count of /proc/loadavg, sampled at most every 20 ms; our own
+// `want` threads are assumed among the runnable), at least 1. On an oversubscribed machine a
+// parallel region waits for descheduled team threads while the others spin, which costs far
+// more than the work it shares. VARFORMER_LOAD_AWARE=0 turns this off; Linux only.
+int64_t load_aware_threads(int64_t want) {
+#if defined(__linux__)
+  if (want <= 1) return want;
+  const char* env = std::getenv("VARFORMER_LOAD_AWARE");
+  if (env != nullptr && env[0] == '0') return want;
+  static const int64_t ncpu = [] {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) return int64_t(0);
+    return static_cast<int64_t>(CPU_COUNT(&set));
+  }();
+  if (ncpu <= 0) return want;
+  static std::atomic<int64_t> sampled_ms{-1000000}, runnable{0};
+  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch()).count();
+  if (now - sampled_ms.load(std::memory_order_relaxed) > 20) {
+    if (std::FILE* f = std::fopen("/proc/loadavg", "r")) {
+      double a, b, c;
+      long running = 0, total = 0;
+      if (std::fscanf(f, "%lf %lf %lf %ld/%ld", &a, &b, &c, &running, &total) == 5)
+        runnable.store(running, std::memory_order_relaxed);
+      std::fclose(f);
+    }
+    sampled_ms.store(now, std::memory_order_relaxed);
+  }
+  const int64_t others = std::max<int64_t>(0, runnable.load(std::memory_order_relaxed) - want);
+  return std::max<int64_t>(1, std::min<int64_t>(want, ncpu - others));
+#else
+  return want;
+#endif
+}
 
 // ------------------------------------------------------------------------------ ISA variants
 struct Variant {
@@ -188,8 +233,8 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
   const auto scan = scan_of<T>(k);
   const int64_t W = sizeof(T) == 4 ? k.group32 : k.group64;
   const int64_t macs = N * V * std::max<int64_t>(C, 1);
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
+  const int64_t threads = load_aware_threads(std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs)));
   auto finish = [&](int64_t n, T m, int64_t mi, bool exact) {
     if (exact) scan_token_exact<T>(z + n * C, E, sq, C, V, &m, &mi);
     dist[n] = m;

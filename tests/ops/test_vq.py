@@ -247,3 +247,73 @@ def test_bad_inputs():
         vq_area_lookup(torch.randn(1, 8, 4, 4), (5, 5), E)
     with pytest.raises(ValueError, match="f must have 4 dims"):
         vq_area_lookup(torch.randn(8, 4, 4), (2, 2), E)
+
+
+# ------------------------------------------------------------------------------------------
+# MultiScaleQuantizer's CPU C++ schedule and its thread policy
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ph,pw,H,W", [(1, 1, 16, 16), (5, 7, 12, 20), (13, 13, 16, 16),
+                                       (3, 2, 9, 5)])
+def test_scale_maps_equal_interpolate(ph, pw, H, W):
+    from varformer.ops import MultiScaleQuantizer
+    q = MultiScaleQuantizer(vocab_size=8, Cvae=6, v_patch_nums=((ph, pw), (H, W)))
+    P, M = q._scale_maps(ph, pw, H, W)
+    assert P.dtype == M.dtype == torch.float32    # the loop's dtype: compared in fp32 too
+    x = torch.randn(3, 6, H, W)
+    area = torch.matmul(P, x.view(3, 6, H * W).transpose(1, 2))                # [3, ph·pw, 6]
+    ref = F.interpolate(x, size=(ph, pw), mode="area").permute(0, 2, 3, 1).reshape(3, -1, 6)
+    torch.testing.assert_close(area, ref, rtol=1e-5, atol=1e-5)
+    t = torch.randn(3, ph * pw, 6)                                              # tokens
+    up = torch.matmul(t.transpose(1, 2), M).view(3, 6, H, W)
+    ref = F.interpolate(t.view(3, ph, pw, 6).permute(0, 3, 1, 2), size=(H, W), mode="bicubic")
+    torch.testing.assert_close(up, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p.startswith("csrc")])
+@pytest.mark.parametrize("B,patches", [(1, None), (3, ((1, 1), (2, 3), (5, 4), (7, 9)))])
+def test_quantizer_cpu_schedule_matches_generic_loop(path, B, patches):
+    if DEVICE != "cpu":
+        pytest.skip("the CPU schedule runs on CPU tensors")
+    path = _usable(path)
+    from varformer.ops import MultiScaleQuantizer
+    kw = {} if patches is None else {"v_patch_nums": patches}
+    q = MultiScaleQuantizer(backend=path, **kw).eval().requires_grad_(False)
+    H, W = (16, 16) if patches is None else patches[-1]
+    with torch.no_grad():
+        q.embedding.weight.normal_()
+        f = torch.randn(B, 32, H, W)
+        assert q._cpu_csrc(f)
+        got = q.quantize(f)
+        q._cpu_csrc = lambda f: False          # the generic loop (vq_area_lookup, interpolate)
+        ref = q.quantize(f)
+    agree = torch.cat([(a == b).flatten() for a, b in zip(got.indices, ref.indices)])
+    assert agree.float().mean() >= 0.995       # near-ties may flip on rounding, nothing else
+    if agree.all():
+        torch.testing.assert_close(got.f_hat, ref.f_hat, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.priors, ref.priors, rtol=1e-5, atol=1e-5)
+
+
+def test_load_aware_threads_bounds(monkeypatch):
+    monkeypatch.delenv("VARFORMER_LOAD_AWARE", raising=False)
+    assert _ext.load_aware_threads(1) == 1
+    assert 1 <= _ext.load_aware_threads(8) <= 8
+    monkeypatch.setenv("VARFORMER_LOAD_AWARE", "0")
+    assert _ext.load_aware_threads(8) == 8
+
+
+def test_quantizer_cpu_loop_restores_thread_count(monkeypatch):
+    from varformer.ops import MultiScaleQuantizer
+    q = MultiScaleQuantizer().eval().requires_grad_(False)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(_ext, "load_aware_threads", lambda want=None: 1)   # a busy machine
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            busy = q.f_to_idxBl_or_fhat(torch.randn(2, 32, 16, 16), to_fhat=False)
+        assert torch.get_num_threads() == 2
+        monkeypatch.undo()
+        with torch.no_grad():
+            quiet = q.f_to_idxBl_or_fhat(torch.randn(2, 32, 16, 16), to_fhat=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert [t.shape for t in busy] == [t.shape for t in quiet]

@@ -248,6 +248,33 @@ def openmp_runtimes() -> list[str]:
     return sorted(names)
 
 
+def _ncpu() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def load_aware_threads(want: int | None = None) -> int:
+    """Threads worth using for a CPU section that wants ``want`` (default: torch's count): at
+    most the CPUs left free by other processes' runnable threads (the running count in
+    ``/proc/loadavg``, our ``want`` threads assumed among them), at least 1. The C++ lookup
+    applies the same rule per call. ``VARFORMER_LOAD_AWARE=0`` turns it off; Linux only.
+
+    Why: on an oversubscribed machine every parallel region waits for descheduled team threads
+    while the others spin (OpenMP's default wait policy), which costs far more than the work
+    it shares; the VQ loop's many short regions then collapse (measured in csrc/README.md)."""
+    want = torch.get_num_threads() if want is None else int(want)
+    if want <= 1 or os.environ.get("VARFORMER_LOAD_AWARE", "1").strip().startswith("0"):
+        return max(1, want)
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return want
+    return max(1, min(want, _ncpu() - max(0, running - want)))
+
+
 def cpu_backend_info() -> dict:
     """{"available": bool, "reason": str} for ``backends()``: which inner-kernel variant the
     C++ CPU lookup runs and why, the flags it was built with, and any fallback with its cause."""
@@ -264,6 +291,8 @@ def cpu_backend_info() -> dict:
     others = "; ".join(f"{n}: {r or 'usable'}" for n, r in cpu_isa_table().items())
     flags = state.get("cpu_flags", "")
     parts = [f"VQ lookup inner kernel {chosen}", f"variants {others}", f"built with {flags}"]
+    if _has_kernel("CPU", f"{NAMESPACE}::window_attention_fwd"):
+        parts.append("window attention kernel " + torch.ops.varformer_ext.window_attention_isa())
     if "-fopenmp" not in flags.split() and not flags.startswith("("):
         parts.append("WITHOUT OpenMP: the C++ lookup runs on one thread")
     if state.get("cpu_fallback"):
@@ -291,8 +320,6 @@ def lookup(z: torch.Tensor, codebook: torch.Tensor, sqnorm: torch.Tensor,
     return torch.ops.varformer_ext.vq_lookup(z, codebook, sqnorm, with_codes, 0)
 
 
-    if _has_kernel("CPU", f"{NAMESPACE}::window_attention_fwd"):
-        parts.append("window attention kernel " + torch.ops.varformer_ext.window_attention_isa())
 def find_nvcc() -> str | None:
     """nvcc from CUDA_HOME, CUDA_PATH, the conventional install prefix, or PATH."""
     for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):

@@ -128,6 +128,7 @@ class MultiScaleQuantizer(nn.Module):
         self.backend, self.precision, self.use_cuda_graph = backend, precision, use_cuda_graph
         self._sq_key, self._sq = None, None
         self._graphs = {}
+        self._maps = {}
 
     def extra_repr(self) -> str:
         return (f"{self.v_patch_nums}, znorm={self.using_znorm}, beta={self.beta} | "
@@ -172,6 +173,26 @@ class MultiScaleQuantizer(nn.Module):
                                         backend=self.backend, precision=self.precision)
         return idx.reshape(-1), codes
 
+    def _scale_maps(self, ph: int, pw: int, H: int, W: int):
+        """One scale's area pooling P [ph·pw, H·W] and bicubic upsampling M [ph·pw, H·W] as
+        matrices (F.interpolate of one-hot images: the same weights), cached per shape."""
+        maps = self._maps.get((ph, pw, H, W))
+        if maps is None:
+            eye = torch.eye(H * W).view(H * W, 1, H, W)
+            P = F.interpolate(eye, size=(ph, pw), mode="area").view(H * W, ph * pw).T
+            one = torch.eye(ph * pw).view(ph * pw, 1, ph, pw)
+            M = F.interpolate(one, size=(H, W), mode="bicubic").view(ph * pw, H * W)
+            maps = self._maps[(ph, pw, H, W)] = (P.contiguous(), M.contiguous())
+        return maps
+
+    def _cpu_csrc(self, f: Tensor) -> bool:
+        """Whether the loop takes the CPU C++ schedule: inference-style search on CPU tensors
+        with the C++ lookup chosen (not the reference path, not Triton's interpreter)."""
+        return (f.device.type == "cpu" and not self.using_znorm
+                and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and self.embedding.weight.requires_grad)
+                and _vq._path(f, self.backend) == "csrc")
+
     def _embed(self, idx: Tensor, codes: Tensor, B: int, ph: int, pw: int) -> Tensor:
         """E[idx] as [B, C, ph, pw]: differentiable when the codebook needs a gradient, else the
         codes the lookup already gathered."""
@@ -200,7 +221,20 @@ class MultiScaleQuantizer(nn.Module):
         """The residual loop on detached f -> (idx list [B, ph·pw], f_hat after each scale (only
         the last one unless ``every_fhat``), φ(up(E[idx])) of each scale)."""
         with torch.autocast(f.device.type, enabled=False):     # latent math in fp32, as VAR
-            return self._loop_fp32(f, patch_hws, sq, every_fhat)
+            if f.device.type != "cpu" or torch.compiler.is_compiling():
+                return self._loop_fp32(f, patch_hws, sq, every_fhat)
+            # CPU: ~10 short parallel regions per scale; on an oversubscribed machine run them
+            # on the CPUs other processes leave free (one thread when none), see _ext.
+            from . import _ext
+            want = torch.get_num_threads()
+            use = _ext.load_aware_threads(want)
+            if use == want:
+                return self._loop_fp32(f, patch_hws, sq, every_fhat)
+            torch.set_num_threads(use)
+            try:
+                return self._loop_fp32(f, patch_hws, sq, every_fhat)
+            finally:
+                torch.set_num_threads(want)
 
     def _loop_fp32(self, f: Tensor, patch_hws, sq: Optional[Tensor] = None,
                    every_fhat: bool = True):
@@ -209,13 +243,29 @@ class MultiScaleQuantizer(nn.Module):
         f_hat = torch.zeros_like(f_rest)
         SN = len(patch_hws)
         idx_list, fhats, priors = [], [], []
+        # CPU + C++ lookup: area pooling and bicubic upsampling as one matmul each, straight
+        # from / to the token layout (no permuted copies; fewer, shorter parallel regions).
+        cpu = self._cpu_csrc(f)
+        E = self.embedding.weight
         for si, (ph, pw) in enumerate(patch_hws):
             if 0 <= self.prog_si < si:
                 break
-            idx, codes = self._search(f_rest, ph, pw, sq)
-            h = self._embed(idx, codes, B, ph, pw)
-            if si != SN - 1:
-                h = F.interpolate(h, size=(H, W), mode="bicubic")
+            if cpu:
+                P, M = self._scale_maps(ph, pw, H, W)
+                n = ph * pw
+                z = (f_rest.permute(0, 2, 3, 1).reshape(-1, C) if (ph, pw) == (H, W) else
+                     torch.matmul(P, f_rest.view(B, C, H * W).transpose(1, 2)).view(-1, C))
+                idx, codes = _vq.vq_lookup(z, E, self._sqnorm() if sq is None else sq,
+                                           return_codes=True, backend=self.backend)
+                if si != SN - 1:
+                    h = torch.matmul(codes.view(B, n, C).transpose(1, 2), M).view(B, C, H, W)
+                else:
+                    h = codes.view(B, ph, pw, C).permute(0, 3, 1, 2)
+            else:
+                idx, codes = self._search(f_rest, ph, pw, sq)
+                h = self._embed(idx, codes, B, ph, pw)
+                if si != SN - 1:
+                    h = F.interpolate(h, size=(H, W), mode="bicubic")
             h = self._phi(si, SN)(h.contiguous())
             f_hat.add_(h)
             f_rest.sub_(h)
