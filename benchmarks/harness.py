@@ -317,11 +317,18 @@ class Provider:
     """One implementation of an op for one shape.
 
     ``make(mode)`` builds inputs and returns (callable, tensors-with-grad); mode is "fwd" or
-    "fwd+bwd". ``baseline`` marks the implementation speed-ups are measured against."""
+    "fwd+bwd". ``baseline`` marks the implementation speed-ups are measured against.
+    ``compiled`` marks a ``torch.compile`` provider (default: "compile" in its name), whose
+    compile time would dominate a smoke run: ``VARFORMER_BENCH_SMOKE=1`` leaves those out."""
     name: str
     dtype: torch.dtype
     make: Callable[[str], tuple]
     baseline: bool = False
+    compiled: bool | None = None
+
+    def __post_init__(self):
+        if self.compiled is None:
+            self.compiled = "compile" in self.name.lower()
 
 
 @dataclasses.dataclass
@@ -335,7 +342,11 @@ class Case:
 
     def n_measurements(self, modes=None) -> int:
         """How many (mode, provider) measurements ``run_case`` makes."""
-        return len(modes or self.modes) * len(self.providers)
+        return len(modes or self.modes) * len(self.run_providers())
+
+    def run_providers(self) -> list:
+        """The providers ``run_case`` measures: all, or without compiled ones in smoke runs."""
+        return [p for p in self.providers if not (smoke() and p.compiled and not p.baseline)]
 
 
 @dataclasses.dataclass
@@ -406,7 +417,7 @@ def run_case(case: Case, device: str, modes=None, quick=False,
     for mode in modes:
         base_ms = {}
         mode_rows = []
-        for prov in case.providers:
+        for prov in case.run_providers():
             t_start = time.perf_counter()
             try:
                 fn, grads = prov.make(mode)

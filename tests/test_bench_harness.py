@@ -258,10 +258,14 @@ def test_run_case_measures_and_compares(monkeypatch):
                         [harness.Provider("slow", torch.float32, sleeper(0.02), baseline=True),
                          harness.Provider("fast", torch.float32, sleeper(0.002)),
                          harness.Provider("broken", torch.float32,
-                                          lambda mode: (_ for _ in ()).throw(ValueError("no")))],
+                                          lambda mode: (_ for _ in ()).throw(ValueError("no"))),
+                         harness.Provider("torch.compile of slow", torch.float32, sleeper(0.01))],
                         modes=("fwd",))
+    assert case.providers[-1].compiled and not case.providers[0].compiled
+    monkeypatch.delenv("VARFORMER_BENCH_SMOKE", raising=False)
+    assert case.n_measurements() == 4
+    monkeypatch.setenv("VARFORMER_BENCH_SMOKE", "1")     # smoke: no compiled providers
     assert case.n_measurements() == 3
-    monkeypatch.setenv("VARFORMER_BENCH_SMOKE", "1")
     lines = []
     rows = harness.run_case(case, "cpu", quick=True, log=lines.append)
     assert len(rows) == len(lines) == 3

@@ -340,7 +340,8 @@ def main(argv=None) -> int:
                     "the tables (with CPU model, ISA, threads, load, versions, date and the "
                     "command) to stdout.",
         epilog="Environment: VARFORMER_BENCH_SMOKE=1 runs one tiny case per op with a single "
-               "repetition (implies --quick; for end-to-end tests, not for numbers).")
+               "repetition and without torch.compile providers (implies --quick; for "
+               "end-to-end tests, not for numbers).")
     b.add_argument("--op", help=f"one of: {', '.join(OPS)} (default: all)")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     b.add_argument("--quick", action="store_true",
