@@ -13,7 +13,8 @@ the widest this CPU runs) and that variant's estimated FP32 FMA peak at the benc
 count (``harness.cpu_info``'s peak scaled to the variant's vector width; the table's "% FLOP
 peak" column is against the CPU's widest ISA). Lookup GFLOP/s count 2·N·V·C.
 
-Run: ``varformer bench --op vq [--device cuda] [--quick] [--load N]``. An AVX2-only machine is
+Run: ``varformer bench --op vq [--device cuda] [--quick] [--load N]``; the per-variant kernel
+table (one thread, CPU time): ``python -m varformer.benchmarks.bench_vq --kernels``. An AVX2-only machine is
 emulated on an AVX-512 one, for the fused kernel and the eager baseline alike, by::
 
     VARFORMER_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
@@ -163,6 +164,70 @@ def cases(device: str, quick: bool = False, dtypes=None) -> list[Case]:
                 + [quantize_case(B, device) for B in quants])
 
 
+def kernel_report(rep: int = 7) -> str:
+    """One-thread CPU time (``time.thread_time``, best of ``rep``: less sensitive to a busy
+    machine than wall time) of the lookup on every C++ inner-kernel variant this CPU runs
+    against the eager formula, with GFLOP/s, and of the 10-scale quantize at B=16. A markdown
+    table; the environment (e.g. ATEN_CPU_CAPABILITY) applies to the eager baseline."""
+    import os
+    import time
+
+    from varformer.benchmarks import harness
+    from varformer.ops import _ext
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    env = os.environ.get("VARFORMER_CPU_ISA")
+
+    def best(fn):
+        fn()
+        out = float("inf")
+        for _ in range(rep):
+            t0 = time.thread_time()
+            fn()
+            out = min(out, time.thread_time() - t0)
+        return out
+
+    try:
+        isas = [n for n, why in _ext.cpu_isa_table().items() if not why]
+        info = harness.cpu_info(threads=1)
+        lines = [f"CPU {info['model']}, eager on ATen {torch.backends.cpu.get_cpu_capability()}, "
+                 f"load average {info['loadavg'][0]:.1f}, 1 thread, CPU time best of {rep}", "",
+                 "| case | eager | " + " | ".join(f"C++ {n}" for n in isas) + " |",
+                 "|---|---|" + "---|" * len(isas)]
+        E = _codebook("cpu")
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for n in (4096, 16384):
+                z = torch.randn(n, C, generator=g)
+                te = best(lambda: vq_lookup_eager(z, E))
+                cells = []
+                for isa in isas:
+                    os.environ["VARFORMER_CPU_ISA"] = isa
+                    t = best(lambda: vq_lookup(z, E, backend="csrc"))
+                    cells.append(f"{t * 1e3:.1f} ms, {2 * n * V * C / t / 1e9:.0f} GFLOP/s, "
+                                 f"{te / t:.1f}x")
+                lines.append(f"| lookup N={n} | {te * 1e3:.1f} ms | " + " | ".join(cells) + " |")
+            q = MultiScaleQuantizer().eval().requires_grad_(False)
+            f = torch.randn(16, C, 16, 16, generator=g)
+            te = best(lambda: var_eager_quantize(q, f))
+            cells = []
+            for isa in isas:
+                os.environ["VARFORMER_CPU_ISA"] = isa
+                t = best(lambda: q.f_to_idxBl_or_fhat(f, to_fhat=False))
+                cells.append(f"{t * 1e3:.1f} ms, {te / t:.1f}x")
+            lines.append(f"| quantize B=16 | {te * 1e3:.1f} ms | " + " | ".join(cells) + " |")
+    finally:
+        torch.set_num_threads(threads)
+        if env is None:
+            os.environ.pop("VARFORMER_CPU_ISA", None)
+        else:
+            os.environ["VARFORMER_CPU_ISA"] = env
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--kernels"]:        # python -m varformer.benchmarks.bench_vq --kernels
+        print(kernel_report())
+        sys.exit(0)
     from varformer.cli import main
     sys.exit(main(["bench", "--op", "vq"] + sys.argv[1:]))
