@@ -19,6 +19,7 @@ fp32, fp64 for fp64 inputs) are what the backward needs. ``mediator_attention`` 
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from typing import Optional
@@ -146,7 +147,6 @@ def _run_units(n_units: int, fn, workers: int) -> None:
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
             errors.append(exc)
 
-    threads_before = torch.get_num_threads()
     started = []
     try:
         for i in range(min(workers, n_units)):
@@ -156,10 +156,21 @@ def _run_units(n_units: int, fn, workers: int) -> None:
     finally:
         for t in started:
             t.join()
-        # set_num_threads in a worker also sets the default that new threads start from
-        torch.set_num_threads(threads_before)
     if errors:
         raise errors[0]
+
+
+@contextlib.contextmanager
+def _single_threaded():
+    """The calling thread's small ops (merges, sums) without OpenMP regions; restores the
+    thread count, also the default that new threads start from (set_num_threads in a worker
+    sets it too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _ranges(n: int, parts: int) -> list:
@@ -271,9 +282,10 @@ def _fwd_cpu(q, m, k, v, scale):
     B, H, N, d = q.shape
     L = m.shape[2]
     workers = _cpu_workers()
-    q3, m3, k3, v3 = (_heads_flat(t) for t in (q, m, k, v))
-    s, lse_s = _cpu_attention_fwd(m3, k3, v3, scale, workers)
-    out, lse_o = _cpu_attention_fwd(q3, m3, s, scale, workers)
+    with _single_threaded():
+        q3, m3, k3, v3 = (_heads_flat(t) for t in (q, m, k, v))
+        s, lse_s = _cpu_attention_fwd(m3, k3, v3, scale, workers)
+        out, lse_o = _cpu_attention_fwd(q3, m3, s, scale, workers)
     return (out.view(B, H, N, d), s.view(B, H, L, d), lse_s.view(B, H, L),
             lse_o.view(B, H, N))
 
@@ -281,14 +293,15 @@ def _fwd_cpu(q, m, k, v, scale):
 def _bwd_cpu(g_out, g_s, q, m, k, v, out, s, lse_s, lse_o, scale):
     G, d = q.shape[0] * q.shape[1], q.shape[-1]
     workers = _cpu_workers()
-    q3, m3, k3, v3, o3, s3, g3 = (_heads_flat(t) for t in (q, m, k, v, out, s, g_out))
-    dq, dm2, ds = _cpu_attention_bwd(g3, q3, m3, s3, o3, lse_o.reshape(G, -1).contiguous(),
-                                     scale, workers)
-    if g_s is not None:
-        ds = (ds.to(_compute_dtype(q.dtype)) + _heads_flat(g_s)).to(q.dtype)
-    dm1, dk, dv = _cpu_attention_bwd(ds, m3, k3, v3, s3, lse_s.reshape(G, -1).contiguous(),
-                                     scale, workers)
-    dm = (dm1.to(_compute_dtype(q.dtype)) + dm2).to(q.dtype)
+    with _single_threaded():
+        q3, m3, k3, v3, o3, s3, g3 = (_heads_flat(t) for t in (q, m, k, v, out, s, g_out))
+        dq, dm2, ds = _cpu_attention_bwd(g3, q3, m3, s3, o3, lse_o.reshape(G, -1).contiguous(),
+                                         scale, workers)
+        if g_s is not None:
+            ds = (ds.to(_compute_dtype(q.dtype)) + _heads_flat(g_s)).to(q.dtype)
+        dm1, dk, dv = _cpu_attention_bwd(ds, m3, k3, v3, s3, lse_s.reshape(G, -1).contiguous(),
+                                         scale, workers)
+        dm = (dm1.to(_compute_dtype(q.dtype)) + dm2).to(q.dtype)
     return dq.view(q.shape), dm.view(m.shape), dk.view(k.shape), dv.view(v.shape)
 
 
