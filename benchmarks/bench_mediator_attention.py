@@ -19,7 +19,8 @@ OP = "mediator_attention"
 VARFORMER = [(8, 1, 16384, 1024, 160), (8, 1, 4096, 256, 160), (8, 1, 4096, 256, 320),
              (8, 1, 1024, 64, 320)]
 MULTI_HEAD = [(8, 8, n, L, d) for n in (16384, 65536) for L in (16, 64) for d in (32, 64)]
-CPU_TARGET = [(1, 1, 16384, 1024, 160)]          # the CPU target of the issue
+CPU_TARGET = [(1, 1, 16384, 1024, 160),          # the CPU targets of the issue: level 1
+              (1, 8, 16384, 64, 64)]            # and a multi-head shape
 CPU_QUICK = [(1, 1, 4096, 256, 160), (1, 8, 4096, 16, 32)]
 GPU_QUICK = [(8, 1, 16384, 1024, 160), (8, 8, 16384, 64, 64), (8, 8, 65536, 16, 32)]
 SMOKE = [(1, 2, 200, 12, 24)]                    # VARFORMER_BENCH_SMOKE=1: one tiny case
