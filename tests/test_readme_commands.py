@@ -3,9 +3,10 @@ tracked files, and the API snippet. A block fails the test if it exits non-zero 
 traceback. Blocks preceded by `<!-- readme-test: skip (reason) -->` are not run; exactly the
 set-up, the test-suite and the GPU/dataset blocks may carry that mark.
 
-The installed environment running this test is the one the commands use, with the copy first
-on PYTHONPATH (so the copy's package runs); `VARFORMER_BENCH_SMOKE=1` makes `varformer bench
---quick` one tiny case per op with one repetition."""
+The installed environment running this test is the one the commands use (its `varformer`
+package, whose kernels and benchmarks subpackages map to this repository's folders); the copy
+gives them a fresh working folder with only the tracked files (configs, README). With
+`VARFORMER_BENCH_SMOKE=1`, `varformer bench --quick` runs one tiny case per op, once."""
 import os
 import re
 import shutil
@@ -68,7 +69,7 @@ def _run(script: str, cwd: Path, env: dict, what: str, timeout: int = 1200) -> s
 def test_readme_commands_run_in_order(tmp_path):
     repo = tmp_path / "repo"
     _copy_tracked(repo)
-    env = dict(os.environ, VARFORMER_BENCH_SMOKE="1", PYTHONPATH=str(repo),
+    env = dict(os.environ, VARFORMER_BENCH_SMOKE="1",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     env.pop("TRITON_INTERPRET", None)          # a user's shell does not set it
     env.pop("VARFORMER_BACKEND", None)
