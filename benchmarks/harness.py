@@ -375,14 +375,20 @@ class Log:
     over the ``total`` measurements below them (``varformer._progress.Progress``: drawn only
     when the stream is a TTY)."""
 
-    COLUMNS = (f"{'#':>7}  {'shape':<34} {'mode':<8} {'provider':<24} {'dtype':<8} "
-               f"{'median':>12}  {'peak mem':>12}  note")
-
-    def __init__(self, total: int, stream=None, desc: str = "bench", enabled=None):
+    def __init__(self, total: int, stream=None, desc: str = "bench", enabled=None,
+                 widths: tuple = (34, 24)):
         from varformer._progress import Progress
         self.stream = sys.stderr if stream is None else stream
         self.total, self.i = total, 0
+        self.widths = widths          # of the shape and provider columns, as in run_case
         self.progress = Progress(total, desc, self.stream, enabled=enabled, min_interval=0.0)
+
+    @property
+    def columns(self) -> str:
+        """The column names, aligned with ``run_case``'s lines."""
+        ws, wp = self.widths
+        return (f"{'#':>{2 * len(str(self.total)) + 3}} {'shape':<{ws}} {'mode':<8} "
+                f"{'provider':<{wp}} {'dtype':<8} {'median':>12}  {'peak mem':>12}  note")
 
     def write(self, text: str) -> None:
         if self.progress.enabled:
@@ -393,7 +399,7 @@ class Log:
     def header(self, text: str) -> None:
         """An unnumbered heading line followed by the column names."""
         self.write(text)
-        self.write(self.COLUMNS)
+        self.write(self.columns)
 
     def measurement(self, text: str) -> None:
         """One numbered line per measurement; advances the bar."""
@@ -406,10 +412,18 @@ class Log:
         self.progress.close()
 
 
+def line_widths(cases) -> tuple:
+    """(shape, provider) column widths that fit every line of ``cases``."""
+    cases = list(cases)
+    return (max([34] + [len(c.shape) for c in cases]),
+            max([24] + [len(p.name) for c in cases for p in c.providers]))
+
+
 def run_case(case: Case, device: str, modes=None, quick=False,
-             log: Callable[[str], None] = print) -> list[Row]:
-    """Measure every provider of ``case`` in every mode; ``log`` gets one line per measurement.
-    Speed-ups are against the baseline provider of the same dtype (and of fp32)."""
+             log: Callable[[str], None] = print, widths: tuple = (34, 24)) -> list[Row]:
+    """Measure every provider of ``case`` in every mode; ``log`` gets one line per measurement
+    (shape and provider padded to ``widths``). Speed-ups are against the baseline provider of
+    the same dtype (and of fp32)."""
     peaks = device_peaks(device)
     modes = modes or case.modes
     tiny = smoke()
@@ -450,7 +464,7 @@ def run_case(case: Case, device: str, modes=None, quick=False,
                 base_ms[row.dtype] = ms
             mode_rows.append(row)
             took = time.perf_counter() - t_start
-            log(f"{case.shape:<34} {mode:<8} {prov.name:<24} {row.dtype:<8} "
+            log(f"{case.shape:<{widths[0]}} {mode:<8} {prov.name:<{widths[1]}} {row.dtype:<8} "
                 f"{_f(ms, '9.3f'):>9} ms  {_f(peak, '9.1f'):>9} MB  ({took:.1f} s) {note}")
         for r in mode_rows:
             b, b32 = base_ms.get(r.dtype), base_ms.get("float32")

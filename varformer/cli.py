@@ -108,7 +108,8 @@ def _bench_run(args, harness, device, ops, dtypes, smoke, quick, state) -> int:
         if args.out:
             os.makedirs(args.out, exist_ok=True)
         md_path = os.path.join(args.out, f"bench_{device}.md") if args.out else None
-        log = state["log"] = harness.Log(total, desc="varformer bench")
+        widths = harness.line_widths(c for _, cases in plan for c in cases)
+        log = state["log"] = harness.Log(total, desc="varformer bench", widths=widths)
         sections = []
         try:
             for op, cases in plan:
@@ -121,7 +122,7 @@ def _bench_run(args, harness, device, ops, dtypes, smoke, quick, state) -> int:
                 rows = []
                 for case in cases:
                     case_rows = harness.run_case(case, device, quick=quick,
-                                                 log=log.measurement)
+                                                 log=log.measurement, widths=widths)
                     if csv_path:  # written per shape: an interrupted run keeps what it measured
                         meta["loadavg"] = "{:.2f} {:.2f} {:.2f}".format(*harness.loadavg())
                         harness.write_csv(case_rows, csv_path, meta)
