@@ -18,7 +18,7 @@
 // Threads: torch's own pool (at::parallel_for, i.e. the OpenMP runtime torch itself runs on),
 // one parallel region per call, items handed out dynamically (a thread the OS delays does not
 // hold back the others' work); calls too small to pay for a region run on the calling thread,
-// and on an oversubscribed machine a call uses only the CPUs other processes leave free. Extra memory: per-thread tiles, plus O(N) partials when codes are split (small N).
+// and on an oversubscribed machine a short call uses only the CPUs other processes leave free. Extra memory: per-thread tiles, plus O(N) partials when codes are split (small N).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -176,6 +176,10 @@ constexpr T finite_limit() { return std::numeric_limits<T>::max() / T(16); }
 // Multiply-adds below which one thread does the whole call (a parallel region costs more,
 // and far more on a loaded machine).
 constexpr int64_t kSerialMacs = int64_t(1) << 21;
+// Multiply-adds below which a call on a busy machine keeps to the CPUs left free (a short
+// region loses more to one descheduled team thread than it gains); longer calls keep every
+// thread, which also keeps the process's share of a contended machine.
+constexpr int64_t kLoadAwareMacs = int64_t(1) << 30;
 
 // hs[v] = sq[v] / 2 (sq computed from E where sq is null); returns whether the codebook is
 // safe for the fast kernel: every entry finite and every |e|^2 within finite_limit.
@@ -233,8 +237,9 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
   const auto scan = scan_of<T>(k);
   const int64_t W = sizeof(T) == 4 ? k.group32 : k.group64;
   const int64_t macs = N * V * std::max<int64_t>(C, 1);
-  const int64_t threads = load_aware_threads(std::max<int64_t>(
-      1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs)));
+  int64_t threads =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
+  if (macs < kLoadAwareMacs) threads = load_aware_threads(threads);
   auto finish = [&](int64_t n, T m, int64_t mi, bool exact) {
     if (exact) scan_token_exact<T>(z + n * C, E, sq, C, V, &m, &mi);
     dist[n] = m;
