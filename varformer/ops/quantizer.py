@@ -176,13 +176,14 @@ class MultiScaleQuantizer(nn.Module):
     def _scale_maps(self, ph: int, pw: int, H: int, W: int):
         """One scale's area pooling P [ph·pw, H·W] and bicubic upsampling M [ph·pw, H·W] as
         matrices (F.interpolate of one-hot images: the same weights), cached per shape."""
-        maps = self._maps.get((ph, pw, H, W))
+        cache = self.__dict__.setdefault("_maps", {})      # (also for modules pickled before)
+        maps = cache.get((ph, pw, H, W))
         if maps is None:
             eye = torch.eye(H * W).view(H * W, 1, H, W)
             P = F.interpolate(eye, size=(ph, pw), mode="area").view(H * W, ph * pw).T
             one = torch.eye(ph * pw).view(ph * pw, 1, ph, pw)
             M = F.interpolate(one, size=(H, W), mode="bicubic").view(ph * pw, H * W)
-            maps = self._maps[(ph, pw, H, W)] = (P.contiguous(), M.contiguous())
+            maps = cache[(ph, pw, H, W)] = (P.contiguous(), M.contiguous())
         return maps
 
     def _cpu_csrc(self, f: Tensor) -> bool:
