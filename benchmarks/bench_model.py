@@ -4,7 +4,12 @@ CUDA: the released-size model (VAR d16, ch 160, official mode, random weights) a
 256×256, inference under bf16 autocast; and a paper-mode training step (L1 + adapter latent
 loss, backward) at B = 2 (quick) / 4 and 8, bf16 autocast, the fused run with activation
 checkpointing of the 128²/64² prior modules. CPU: the small preset (ch 32, VAR depth 2),
-inference at B = 1 and a training step at B = 1, fp32.
+inference at B = 1 and (not with ``--quick``) a training step at B = 1, fp32.
+
+Each case is one row per provider: "fused" (the default dispatch: fused CPU/Triton paths) and
+"eager (reference ops)" (every varformer op on its plain PyTorch reference); the speed-up column
+is reference time / fused time. The shape column names the mode: "inference" (official mode,
+no gradient) or "training step" (paper mode, forward + loss + backward).
 
 Run: ``varformer bench --op model [--device cuda] [--quick]``.
 """
@@ -49,7 +54,7 @@ def inference_case(device, size, B) -> Case:
     dt = torch.bfloat16 if device == "cuda" else torch.float32
     provs = [Provider("eager (reference ops)", dt, mk(False), baseline=True),
              Provider("fused", dt, mk(True))]
-    return Case("model", f"{size} official inference B={B}", lambda m: float("nan"),
+    return Case("model", f"{size} inference (official) B={B}", lambda m: float("nan"),
                 lambda m, d: float("nan"), provs, modes=("fwd",))
 
 
@@ -72,7 +77,7 @@ def training_case(device, size, B) -> Case:
     dt = torch.bfloat16 if device == "cuda" else torch.float32
     provs = [Provider("eager (reference ops)", dt, mk(False), baseline=True),
              Provider("fused" + (" + checkpointing" if device == "cuda" else ""), dt, mk(True))]
-    return Case("model", f"{size} paper training step B={B}", lambda m: float("nan"),
+    return Case("model", f"{size} training step (paper) B={B}", lambda m: float("nan"),
                 lambda m, d: float("nan"), provs, modes=("fwd+bwd",))
 
 
@@ -83,6 +88,7 @@ def cases(device: str, quick: bool = False, dtypes=None) -> list[Case]:
         train_bs = [2] if quick else [4, 8]
         return [inference_case(device, "released", 1)] + [training_case(device, "released", b)
                                                           for b in train_bs]
+    # --quick: inference only (the CLI test runs it); the full run adds the training step
     return [inference_case(device, "small", 1)] + ([] if quick else
                                                    [training_case(device, "small", 1)])
 
