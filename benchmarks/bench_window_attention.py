@@ -169,10 +169,11 @@ def cases(device: str, quick: bool = False, dtypes=None) -> list[Case]:
                                   mk(lambda x, t, kw=kw: window_attention(x, t, **kw), dt)))
             provs.append(Provider("sdpa + float mask", dt,
                                   mk(lambda x, t, a=(ws, shift, nh): sdpa_masked(x, t, *a), dt)))
-            provs.append(Provider("compiled eager", dt,
-                                  mk(lambda x, t, kw=kw: compiled(x, t.to(x.dtype), **kw), dt)))
-            provs.append(Provider("flex (compiled)", dt,
-                                  mk(_flex_make(ws, shift, nh, H, W, device), dt)))
+            if not smoke():     # the smoke run has no torch.compile providers
+                provs.append(Provider("compiled eager", dt, mk(
+                    lambda x, t, kw=kw: compiled(x, t.to(x.dtype), **kw), dt)))
+                provs.append(Provider("flex (compiled)", dt,
+                                      mk(_flex_make(ws, shift, nh, H, W, device), dt)))
             if device == "cpu":
                 fn, wrap = _chunked(kw)
                 provs.append(Provider("chunked PyTorch (old CPU path)", dt, mk(fn, dt, wrap=wrap)))

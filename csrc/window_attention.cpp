@@ -18,7 +18,8 @@
 //
 // One parallel region per call (at::parallel_for, torch's own thread pool); inside it threads
 // take blocks of items from an atomic counter, so a descheduled thread on a busy machine delays
-// only the blocks it holds. The kernels are compiled for AVX-512, AVX2+FMA and the build's
+// only the blocks it holds; small calls run serially and a busy machine gets fewer threads
+// (see call_threads). The kernels are compiled for AVX-512, AVX2+FMA and the build's
 // baseline with function-local target attributes and chosen at run time from the CPU
 // (VARFORMER_CPU_ISA=avx512|avx2|baseline forces one; window_attention_isa() reports it).
 #include <ATen/Dispatch.h>
@@ -28,8 +29,12 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <sched.h>
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -406,11 +411,50 @@ VF_INLINE void backward_item(const BwdArgs<T>& a, int64_t item, Scratch<T>& sc, 
 }
 
 // ------------------------------------------------------------------------------ drivers
-// Runs body(block, scratch) for blocks [0, nblocks) on torch's thread pool in one parallel
-// region; blocks are handed out by an atomic counter, scratch is made once per thread.
+// Threads for a call of `macs` multiply-adds: none beyond one per kSerialMacs of work, and on a
+// busy machine at most the CPUs that other processes' runnable threads leave free (the running
+// count of /proc/loadavg, sampled at most every 20 ms, our own threads assumed among them; the
+// rule the VQ kernel applies too). A parallel region waits for its slowest team thread, and on
+// an oversubscribed machine a descheduled one costs far more than the work it would share.
+// VARFORMER_LOAD_AWARE=0 turns the load rule off; Linux only.
+constexpr int64_t kSerialMacs = int64_t(1) << 18;
+
+int64_t call_threads(int64_t macs) {
+  int64_t want = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
+#if defined(__linux__)
+  const char* env = std::getenv("VARFORMER_LOAD_AWARE");
+  if (want <= 1 || (env != nullptr && env[0] == '0')) return want;
+  static const int64_t ncpu = [] {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    return sched_getaffinity(0, sizeof(set), &set) == 0 ? int64_t(CPU_COUNT(&set)) : int64_t(0);
+  }();
+  if (ncpu <= 0) return want;
+  static std::atomic<int64_t> last_ms{-1000000}, running{0};
+  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch()).count();
+  if (now - last_ms.load(std::memory_order_relaxed) > 20) {
+    if (std::FILE* f = std::fopen("/proc/loadavg", "r")) {
+      double l1, l5, l15;
+      long run = 0, total = 0;
+      if (std::fscanf(f, "%lf %lf %lf %ld/%ld", &l1, &l5, &l15, &run, &total) == 5)
+        running.store(run, std::memory_order_relaxed);
+      std::fclose(f);
+    }
+    last_ms.store(now, std::memory_order_relaxed);
+  }
+  const int64_t others = std::max<int64_t>(0, running.load(std::memory_order_relaxed) - want);
+  want = std::max<int64_t>(1, std::min<int64_t>(want, ncpu - others));
+#endif
+  return want;
+}
+
+// Runs body(block, scratch) for blocks [0, nblocks) on up to `threads` threads of torch's pool
+// in one parallel region; blocks are handed out by an atomic counter (a descheduled thread
+// delays only the block it holds), scratch is made once per thread.
 template <typename S, typename Make, typename F>
-void run_blocks(int64_t nblocks, const Make& make, const F& body) {
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), nblocks);
+void run_blocks(int64_t nblocks, int64_t threads, const Make& make, const F& body) {
+  threads = std::min<int64_t>(threads, nblocks);
   if (threads <= 1 || at::in_parallel_region()) {
     S sc = make();
     for (int64_t k = 0; k < nblocks; ++k) body(k, sc);
@@ -503,11 +547,11 @@ void forward_all(const FwdArgs<T>& a) {
   auto* fn = isa() == Isa::kAvx512 ? &forward_avx512<T>
              : isa() == Isa::kAvx2 ? &forward_avx2<T> : &forward_base<T>;
   const int64_t items = a.g.items;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = call_threads(2 * items * a.g.N * a.g.N * a.g.hd);
   const int64_t per = std::max<int64_t>(1, items / (8 * threads));   // ~8 blocks per thread
   const int64_t nblocks = (items + per - 1) / per;
   run_blocks<Scratch<T>>(
-      nblocks, [&] { return Scratch<T>(a.g, false); },
+      nblocks, threads, [&] { return Scratch<T>(a.g, false); },
       [&](int64_t k, Scratch<T>& sc) { fn(a, k * per, std::min(items, (k + 1) * per), sc); });
 }
 
@@ -517,7 +561,8 @@ void backward_all(const BwdArgs<T>& a, int64_t chunks) {
              : isa() == Isa::kAvx2 ? &backward_avx2<T> : &backward_base<T>;
   const int64_t items = a.g.items;
   run_blocks<Scratch<T>>(
-      chunks, [&] { return Scratch<T>(a.g, true); },
+      chunks, call_threads(5 * items * a.g.N * a.g.N * a.g.hd),
+      [&] { return Scratch<T>(a.g, true); },
       [&](int64_t k, Scratch<T>& sc) {
         fn(a, k * items / chunks, (k + 1) * items / chunks, sc, a.partial + k * a.table_size);
       });
