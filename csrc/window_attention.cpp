@@ -480,9 +480,14 @@ VF_INLINE void backward_range(const BwdArgs<T>& a, int64_t i0, int64_t i1, Scrat
   for (int64_t it = i0; it < i1; ++it) backward_item<T, MB>(a, it, sc, part);
 }
 
+#if defined(__x86_64__) || defined(__i386__)
 #define VF_AVX512 \
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
 #define VF_AVX2 __attribute__((target("avx2,fma")))
+#else  // other architectures: only the baseline variant is ever chosen (detect_isa)
+#define VF_AVX512
+#define VF_AVX2
+#endif
 
 template <typename T>
 VF_AVX512 void forward_avx512(const FwdArgs<T>& a, int64_t i0, int64_t i1, Scratch<T>& sc) {
