@@ -40,6 +40,7 @@ struct F32 {
   }
   static inline V ibcast(const I* p) { return _mm256_castsi256_ps(_mm256_set1_epi32(*p)); }
   static inline V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
+  static inline bool any(M m) { return _mm256_movemask_ps(m) != 0; }
 };
 
 struct F64 {
@@ -64,6 +65,7 @@ struct F64 {
     return _mm256_castsi256_pd(_mm256_set1_epi64x(static_cast<long long>(*p)));
   }
   static inline V select(M m, V a, V b) { return _mm256_blendv_pd(b, a, m); }
+  static inline bool any(M m) { return _mm256_movemask_pd(m) != 0; }
 };
 
 #include "vq_lookup_kernel.h"

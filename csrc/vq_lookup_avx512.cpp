@@ -36,6 +36,7 @@ struct F32 {
   static inline void istore(I* p, V v) { _mm512_storeu_si512(p, _mm512_castps_si512(v)); }
   static inline V ibcast(const I* p) { return _mm512_castsi512_ps(_mm512_set1_epi32(*p)); }
   static inline V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
+  static inline bool any(M m) { return m != 0; }
 };
 
 struct F64 {
@@ -56,6 +57,7 @@ struct F64 {
     return _mm512_castsi512_pd(_mm512_set1_epi64(static_cast<long long>(*p)));
   }
   static inline V select(M m, V a, V b) { return _mm512_mask_blend_pd(m, b, a); }
+  static inline bool any(M m) { return m != 0; }
 };
 
 #include "vq_lookup_kernel.h"

@@ -32,6 +32,11 @@ struct Vec16 {
     return reinterpret_cast<V>((m & reinterpret_cast<M>(a)) | (~m & reinterpret_cast<M>(b)));
   }
   static inline V min(V a, V b) { return select(lt(a, b), a, b); }
+  static inline bool any(M m) {
+    I bits = 0;
+    for (int i = 0; i < W; ++i) bits |= m[i];
+    return bits != 0;
+  }
   static inline V iload(const I* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
   static inline void istore(I* p, V v) { std::memcpy(p, &v, sizeof(V)); }
   static inline V ibcast(const I* p) { return reinterpret_cast<V>(splat<I, M>(*p)); }

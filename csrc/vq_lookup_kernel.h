@@ -12,6 +12,7 @@
 //   min(a, b) = lt(a, b) ? a : b
 //   iload(const I*) / istore(I*, V) / ibcast(const I*)   index lanes, held as bits in a V
 //   select(M m, V a, V b) = m ? a : b    bitwise
+//   any(M m)                             whether any lane is set
 //
 // Register tile: R codes x G vectors of tokens (R*G accumulators). Accumulators start at
 // hs[v] = |e_v|^2 / 2 and take  - e_v[c] * z[c]  per channel, so the tile ends holding
@@ -50,10 +51,16 @@ inline __attribute__((always_inline)) void tile(const typename A::T* zt, int64_t
       for (int g = 0; g < G; ++g) acc[r][g] = A::fnmadd(ec, zv[g], acc[r][g]);
     }
   }
-  // Codes in increasing order and a strict '<': the lowest index wins ties.
+  // Codes in increasing order and a strict '<': the lowest index wins ties. Most tiles hold no
+  // new minimum for any lane once a few hundred codes have passed: then the tile's minimum
+  // (R - 1 vector mins and one compare) is all it costs.
   VF_UNROLL
   for (int g = 0; g < G; ++g) {
     V b = A::load(best + g * W);
+    V m = acc[0][g];
+    VF_UNROLL
+    for (int r = 1; r < R; ++r) m = A::min(acc[r][g], m);
+    if (!A::any(A::lt(m, b))) continue;
     V bi = A::iload(bidx + g * W);
     VF_UNROLL
     for (int r = 0; r < R; ++r) {
