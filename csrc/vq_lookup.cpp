@@ -236,6 +236,7 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
   using I = typename LaneIndex<T>::type;
   const auto scan = scan_of<T>(k);
   const int64_t W = sizeof(T) == 4 ? k.group32 : k.group64;
+  const int64_t PW = sizeof(T) == 4 ? k.panel32 : k.panel64;  // a multiple of W
   const int64_t macs = N * V * std::max<int64_t>(C, 1);
   int64_t threads =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
@@ -294,11 +295,18 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
     const int64_t n0 = b * TN, nt = std::min(TN, N - n0);
     const int64_t v0 = sp * per_split, v1 = std::min(V, v0 + per_split);
     const int64_t ld = (nt + W - 1) / W * W;
-    for (int64_t l = 0; l < nt; ++l) {  // zt[c][l] = z[n0 + l, c], padding 0
+    // Panels of PW tokens, each [C][PW] (the last [C][ld mod PW]); padding 0.
+    for (int64_t l = 0; l < ld; ++l) {
+      const int64_t p0 = l / PW * PW, pw = std::min(PW, ld - p0);
+      T* col = zt + p0 * C + (l - p0);
+      if (l >= nt) {
+        for (int64_t c = 0; c < C; ++c) col[c * pw] = T(0);
+        continue;
+      }
       const T* row = z + (n0 + l) * C;
       T acc = T(0);
       for (int64_t c = 0; c < C; ++c) {
-        zt[c * ld + l] = row[c];
+        col[c * pw] = row[c];
         acc += row[c] * row[c];
       }
       if (sp == 0) {
@@ -306,8 +314,6 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
         flag[n0 + l] = !(acc <= lim);  // NaN, inf or huge: exact scan
       }
     }
-    for (int64_t l = nt; l < ld; ++l)
-      for (int64_t c = 0; c < C; ++c) zt[c * ld + l] = T(0);
     for (int64_t l = 0; l < ld; ++l) {
       best[l] = std::numeric_limits<T>::infinity();
       bidx[l] = static_cast<I>(v0);

@@ -97,6 +97,7 @@ namespace varformer_vq {
 const IsaKernels* isa_kernels_avx2(const char** why) {
 #ifdef VF_HAVE_AVX2
   static const IsaKernels k{"avx2", "avx2,fma", isa_avx2::F32::W, isa_avx2::F64::W,
+                            2 * isa_avx2::F32::W, 2 * isa_avx2::F64::W,
                             isa_avx2::kChunkBytes, &isa_avx2::scan32, &isa_avx2::scan64};
   if (why) *why = "";
   return &k;

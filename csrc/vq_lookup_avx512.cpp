@@ -89,6 +89,7 @@ namespace varformer_vq {
 const IsaKernels* isa_kernels_avx512(const char** why) {
 #ifdef VF_HAVE_AVX512
   static const IsaKernels k{"avx512", "avx512f", isa_avx512::F32::W, isa_avx512::F64::W,
+                            2 * isa_avx512::F32::W, 2 * isa_avx512::F64::W,
                             isa_avx512::kChunkBytes,
                             &isa_avx512::scan32, &isa_avx512::scan64};
   if (why) *why = "";

@@ -68,7 +68,8 @@ namespace varformer_vq {
 const IsaKernels* isa_kernels_baseline(const char** why) {
 #ifdef VF_HAVE_BASELINE
   static const IsaKernels k{"baseline", "16-byte vectors (SSE2 / NEON)", isa_baseline::F32::W,
-                            isa_baseline::F64::W, isa_baseline::kChunkBytes,
+                            isa_baseline::F64::W, 2 * isa_baseline::F32::W,
+                            2 * isa_baseline::F64::W, isa_baseline::kChunkBytes,
                             &isa_baseline::scan32, &isa_baseline::scan64};
   if (why) *why = "";
   return &k;

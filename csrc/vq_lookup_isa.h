@@ -12,7 +12,8 @@ namespace varformer_vq {
 enum IsaId : int { kIsaBaseline = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaCount = 3 };
 
 // Updates the running minimum of a block of tokens against codes [v0, v1).
-//   zt   [C][ld]  the block's tokens transposed (ld a multiple of `group`, padding zero)
+//   zt   the block's ld tokens transposed in panels of `panel` tokens, each [C][panel], the
+//        last one [C][ld mod panel] (ld a multiple of `group`, padding zero)
 //   E    [V][C]   codebook rows;  hs [V] = |e_v|^2 / 2;  ids [V] = v (as the lane index type)
 //   best [ld], bidx [ld]  running min of  hs[v] - <z, e_v>  and its code, updated in place
 //                         (codes visited in increasing order, strict '<': lowest index wins)
@@ -24,8 +25,10 @@ using ScanFn = void (*)(const T* zt, int64_t ld, const T* E, const T* hs, const 
 struct IsaKernels {
   const char* name;      // "avx512", "avx2", "baseline"
   const char* target;    // what it was compiled for, e.g. "avx2,fma"
-  int group32;           // tokens per register tile, float32 (ld must be a multiple)
+  int group32;           // tokens per vector, float32 (ld must be a multiple)
   int group64;           // the same for float64
+  int panel32;           // tokens per register tile (zt's panel width), float32
+  int panel64;           // the same for float64
   int chunk_bytes;       // codebook bytes streamed per pass over a token block
   ScanFn<float, int32_t> scan32;
   ScanFn<double, int64_t> scan64;

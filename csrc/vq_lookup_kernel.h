@@ -104,9 +104,11 @@ inline void codes_pass(const typename A::T* zt, int64_t ld, const typename A::T*
                                C, best, bidx);
 }
 
-// The ScanFn of vq_lookup_isa.h: tiles of R codes x G*W tokens, a tail of single vectors of
-// tokens (ld is a multiple of W), and the codes streamed in chunks of about `chunk_bytes`, each
-// chunk swept over the whole token block while it stays in L1.
+// The ScanFn of vq_lookup_isa.h: tiles of R codes x G*W tokens over the block's full panels,
+// then single vectors of tokens over the last, narrower panel (ld is a multiple of W), the codes
+// streamed in chunks of about `chunk_bytes`, each chunk swept over the whole token block while
+// it stays in L1. zt holds panels of L = G*W tokens one after the other, each [C][L] (the last
+// one [C][ld mod L]), so that a tile's token rows are contiguous.
 template <class A, int R, int G, int RT, int chunk_bytes>
 void scan(const typename A::T* zt, int64_t ld, const typename A::T* E,
           const typename A::T* hs, const typename A::I* ids, int64_t C, int64_t v0,
@@ -114,12 +116,13 @@ void scan(const typename A::T* zt, int64_t ld, const typename A::T* E,
   constexpr int W = A::W, L = G * W;
   int64_t chunk = chunk_bytes / static_cast<int64_t>(sizeof(typename A::T)) / (C > 0 ? C : 1);
   chunk = chunk < R ? R : chunk / R * R;
+  const int64_t full = ld / L * L, rest = ld - full;
   for (int64_t vc = v0; vc < v1; vc += chunk) {
     const int64_t ve = vc + chunk < v1 ? vc + chunk : v1;
-    int64_t l0 = 0;
-    for (; l0 + L <= ld; l0 += L)
-      codes_pass<A, R, G>(zt + l0, ld, E, hs, ids, C, vc, ve, best + l0, bidx + l0);
-    for (; l0 < ld; l0 += W)
-      codes_pass<A, RT, 1>(zt + l0, ld, E, hs, ids, C, vc, ve, best + l0, bidx + l0);
+    for (int64_t l0 = 0; l0 < full; l0 += L)
+      codes_pass<A, R, G>(zt + l0 * C, L, E, hs, ids, C, vc, ve, best + l0, bidx + l0);
+    for (int64_t j = 0; j < rest; j += W)
+      codes_pass<A, RT, 1>(zt + full * C + j, rest, E, hs, ids, C, vc, ve, best + full + j,
+                           bidx + full + j);
   }
 }
