@@ -8,7 +8,7 @@ setup(
     description="Fused Triton/CUDA kernels and a faithful implementation of VarFormer",
     python_requires=">=3.10",
     packages=["varformer", "varformer.ops", "varformer.models", "varformer.data",
-              "varformer.train", "varformer.eval", "varformer.kernels", "varformer.benchmarks",
+              "varformer.train", "varformer.eval", "varformer.analysis", "varformer.kernels", "varformer.benchmarks",
               "varformer.csrc"],
     package_dir={"varformer.kernels": "kernels", "varformer.benchmarks": "benchmarks",
                  "varformer.csrc": "csrc"},

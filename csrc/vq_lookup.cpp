@@ -24,6 +24,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu_threads.h"
 #include "vq_lookup_checks.h"
 #include "vq_lookup_isa.h"
 
@@ -50,43 +51,7 @@
 namespace varformer_vq {
 namespace {
 
-// ------------------------------------------------------------------------------ busy machine
-// Threads worth using when `want` are asked for: at most the CPUs that other processes' runnable
-// threads leave free (the running count of /proc/loadavg, sampled at most every 20 ms; our own
-// `want` threads are assumed among the runnable), at least 1. On an oversubscribed machine a
-// parallel region waits for descheduled team threads while the others spin, which costs far
-// more than the work it shares. VARFORMER_LOAD_AWARE=0 turns this off; Linux only.
-int64_t load_aware_threads(int64_t want) {
-#if defined(__linux__)
-  if (want <= 1) return want;
-  const char* env = std::getenv("VARFORMER_LOAD_AWARE");
-  if (env != nullptr && env[0] == '0') return want;
-  static const int64_t ncpu = [] {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    if (sched_getaffinity(0, sizeof(set), &set) != 0) return int64_t(0);
-    return static_cast<int64_t>(CPU_COUNT(&set));
-  }();
-  if (ncpu <= 0) return want;
-  static std::atomic<int64_t> sampled_ms{-1000000}, runnable{0};
-  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
-                          std::chrono::steady_clock::now().time_since_epoch()).count();
-  if (now - sampled_ms.load(std::memory_order_relaxed) > 20) {
-    if (std::FILE* f = std::fopen("/proc/loadavg", "r")) {
-      double a, b, c;
-      long running = 0, total = 0;
-      if (std::fscanf(f, "%lf %lf %lf %ld/%ld", &a, &b, &c, &running, &total) == 5)
-        runnable.store(running, std::memory_order_relaxed);
-      std::fclose(f);
-    }
-    sampled_ms.store(now, std::memory_order_relaxed);
-  }
-  const int64_t others = std::max<int64_t>(0, runnable.load(std::memory_order_relaxed) - want);
-  return std::max<int64_t>(1, std::min<int64_t>(want, ncpu - others));
-#else
-  return want;
-#endif
-}
+using varformer_cpu::load_aware_threads;  // cpu_threads.h
 
 // ------------------------------------------------------------------------------ ISA variants
 struct Variant {

@@ -29,6 +29,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "cpu_threads.h"
+
 #include <sched.h>
 
 #include <algorithm>
@@ -412,41 +414,13 @@ VF_INLINE void backward_item(const BwdArgs<T>& a, int64_t item, Scratch<T>& sc, 
 
 // ------------------------------------------------------------------------------ drivers
 // Threads for a call of `macs` multiply-adds: none beyond one per kSerialMacs of work, and on a
-// busy machine at most the CPUs that other processes' runnable threads leave free (the running
-// count of /proc/loadavg, sampled at most every 20 ms, our own threads assumed among them; the
-// rule the VQ kernel applies too). A parallel region waits for its slowest team thread, and on
-// an oversubscribed machine a descheduled one costs far more than the work it would share.
-// VARFORMER_LOAD_AWARE=0 turns the load rule off; Linux only.
+// busy machine at most the CPUs other processes leave free (cpu_threads.h, as the VQ kernel).
 constexpr int64_t kSerialMacs = int64_t(1) << 18;
 
 int64_t call_threads(int64_t macs) {
-  int64_t want = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
-#if defined(__linux__)
-  const char* env = std::getenv("VARFORMER_LOAD_AWARE");
-  if (want <= 1 || (env != nullptr && env[0] == '0')) return want;
-  static const int64_t ncpu = [] {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    return sched_getaffinity(0, sizeof(set), &set) == 0 ? int64_t(CPU_COUNT(&set)) : int64_t(0);
-  }();
-  if (ncpu <= 0) return want;
-  static std::atomic<int64_t> last_ms{-1000000}, running{0};
-  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
-                          std::chrono::steady_clock::now().time_since_epoch()).count();
-  if (now - last_ms.load(std::memory_order_relaxed) > 20) {
-    if (std::FILE* f = std::fopen("/proc/loadavg", "r")) {
-      double l1, l5, l15;
-      long run = 0, total = 0;
-      if (std::fscanf(f, "%lf %lf %lf %ld/%ld", &l1, &l5, &l15, &run, &total) == 5)
-        running.store(run, std::memory_order_relaxed);
-      std::fclose(f);
-    }
-    last_ms.store(now, std::memory_order_relaxed);
-  }
-  const int64_t others = std::max<int64_t>(0, running.load(std::memory_order_relaxed) - want);
-  want = std::max<int64_t>(1, std::min<int64_t>(want, ncpu - others));
-#endif
-  return want;
+  const int64_t want =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
+  return varformer_cpu::load_aware_threads(want);
 }
 
 // Runs body(block, scratch) for blocks [0, nblocks) on up to `threads` threads of torch's pool

@@ -45,6 +45,7 @@ CPU_SOURCES = (
 )
 CUDA_SOURCES = ("vq_lookup_cuda.cu",)
 HEADERS = (                             # included by the sources; part of the build name's hash
+    "cpu_threads.h",
     "vq_lookup_checks.h",
     "vq_lookup_isa.h",
     "vq_lookup_kernel.h",
