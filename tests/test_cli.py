@@ -6,7 +6,8 @@ from varformer.benchmarks import bench_mediator_attention as bench
 
 
 def test_bench_prints_table_and_writes_results(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "CPU_QUICK", [(1, 2, 256, 16, 32)])
+    monkeypatch.setenv("VARFORMER_BENCH_SMOKE", "1")      # one tiny case per op, once
+    monkeypatch.setattr(bench, "SMOKE", [(1, 2, 256, 16, 32)])
     from varformer.benchmarks import bench_model       # the model has its own test below
     monkeypatch.setattr(bench_model, "cases", lambda *a, **k: [])
     assert cli.main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
@@ -27,7 +28,8 @@ def test_bench_rejects_unknown_op(capsys):
     assert "unknown --op" in capsys.readouterr().err
 
 
-def test_bench_model_on_cpu(tmp_path, capsys):
+def test_bench_model_on_cpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VARFORMER_BENCH_SMOKE", "1")
     assert cli.main(["bench", "--op", "model", "--quick", "--device", "cpu"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| model")]
     assert len(lines) == 2 and all("nan" not in ln.split("|")[6] for ln in lines)

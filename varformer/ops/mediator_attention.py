@@ -115,12 +115,14 @@ def _bwd_reference(g_out, g_s, q, m, k, v, out, s, lse_s, lse_o, scale):
 # order. No OpenMP region or barrier per unit: a worker the OS deschedules (a busy machine)
 # delays only the units it holds, the others keep pulling. Workers flush denormals (FTZ/DAZ,
 # their own MXCSR): exp of very negative scores otherwise takes a microcode slow path (>10×).
+# Attentions under CPU_INLINE_FLOPS run as one flash call on torch's threads instead.
 # --------------------------------------------------------------------------------------------
 _SDPA = _aten._scaled_dot_product_flash_attention_for_cpu
 _SDPA_BWD = _aten._scaled_dot_product_flash_attention_for_cpu_backward
 CPU_UNIT_ROWS = 256          # least rows per query block (the flash kernel's own block)
 CPU_UNIT_KEYS = 512          # least keys per key chunk
-CPU_INLINE_FLOPS = 2e7       # below this, one call in the calling thread (no workers)
+CPU_INLINE_FLOPS = 1e9       # below this, one flash call on torch's threads (units don't pay:
+                             # measured 1.5-3x slower than it at B1 N4096 L256 d160 and smaller)
 
 
 def _cpu_workers() -> int:
@@ -161,16 +163,31 @@ def _run_units(n_units: int, fn, workers: int) -> None:
 
 
 @contextlib.contextmanager
-def _single_threaded():
-    """The calling thread's small ops (merges, sums) without OpenMP regions; restores the
-    thread count, also the default that new threads start from (set_num_threads in a worker
-    sets it too)."""
+def _num_threads(n: int):
+    """torch's thread count set to n inside; restores it, also the default that new threads
+    start from (set_num_threads in a worker sets it too). No change where it already is n."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _single_threaded():
+    """The calling thread's small ops (merges, sums) without OpenMP regions."""
+    return _num_threads(1)
+
+
+def _cpu_context(G: int, N: int, L: int, Nk: int, d: int, workers: int):
+    """Single-threaded caller for the unit path; no thread-count change at all where both
+    attentions are under CPU_INLINE_FLOPS (each one flash call on torch's threads)."""
+    if 4.0 * G * max(N, Nk) * L * d < CPU_INLINE_FLOPS:
+        return contextlib.nullcontext()
+    return _single_threaded()
 
 
 def _ranges(n: int, parts: int) -> list:
@@ -204,7 +221,9 @@ def _cpu_attention_fwd(q, k, v, scale, workers):
     Tk = k.shape[1]
     lt = _lse_dtype(q.dtype)
     if 4.0 * G * Tq * Tk * d < CPU_INLINE_FLOPS:
-        out, lse = _SDPA(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, False, scale=scale)
+        with _num_threads(workers):
+            out, lse = _SDPA(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), 0.0, False,
+                             scale=scale)
         return out[0].contiguous(), lse[0].to(lt).contiguous()
     heads, qr, kr = _cpu_plan(G, Tq, Tk, workers)
     units = [(g, a, c) for g in heads for a in qr for c in range(len(kr))]
@@ -246,8 +265,10 @@ def _cpu_attention_bwd(do, q, k, v, out, lse, scale, workers):
     G, Tq, d = q.shape
     Tk = k.shape[1]
     if 4.0 * G * Tq * Tk * d < CPU_INLINE_FLOPS:
-        gq, gk, gv = _SDPA_BWD(do.unsqueeze(0), q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-                               out.unsqueeze(0), lse.unsqueeze(0), 0.0, False, scale=scale)
+        with _num_threads(workers):
+            gq, gk, gv = _SDPA_BWD(do.unsqueeze(0), q.unsqueeze(0), k.unsqueeze(0),
+                                   v.unsqueeze(0), out.unsqueeze(0), lse.unsqueeze(0), 0.0,
+                                   False, scale=scale)
         return gq[0], gk[0], gv[0]
     heads, qr, kr = _cpu_plan(G, Tq, Tk, workers)
     units = [(g, a, c) for g in heads for a in range(len(qr)) for c in range(len(kr))]
@@ -282,7 +303,7 @@ def _fwd_cpu(q, m, k, v, scale):
     B, H, N, d = q.shape
     L = m.shape[2]
     workers = _cpu_workers()
-    with _single_threaded():
+    with _cpu_context(B * H, N, L, k.shape[2], d, workers):
         q3, m3, k3, v3 = (_heads_flat(t) for t in (q, m, k, v))
         s, lse_s = _cpu_attention_fwd(m3, k3, v3, scale, workers)
         out, lse_o = _cpu_attention_fwd(q3, m3, s, scale, workers)
@@ -293,7 +314,7 @@ def _fwd_cpu(q, m, k, v, scale):
 def _bwd_cpu(g_out, g_s, q, m, k, v, out, s, lse_s, lse_o, scale):
     G, d = q.shape[0] * q.shape[1], q.shape[-1]
     workers = _cpu_workers()
-    with _single_threaded():
+    with _cpu_context(G, q.shape[2], m.shape[2], k.shape[2], d, workers):
         q3, m3, k3, v3, o3, s3, g3 = (_heads_flat(t) for t in (q, m, k, v, out, s, g_out))
         dq, dm2, ds = _cpu_attention_bwd(g3, q3, m3, s3, o3, lse_o.reshape(G, -1).contiguous(),
                                          scale, workers)
