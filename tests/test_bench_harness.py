@@ -170,11 +170,17 @@ time.sleep(60)
 """
 
 
+def _sigint_default():
+    """In the child before exec: SIGINT back to its default. A runner started in the background
+    passes SIGINT on as ignored, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_background_load_leaves_no_orphans(sig):
     """Ctrl-C, SIGTERM or SIGKILL of the benchmark process: its busy processes die too."""
     parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
+                              stderr=subprocess.DEVNULL, text=True, preexec_fn=_sigint_default)
     try:
         pids = [int(p) for p in parent.stdout.readline().split()]
         assert len(pids) == 2 and all(_alive(p) for p in pids)
@@ -354,7 +360,8 @@ def test_bench_ctrl_c_stops_cleanly_and_kills_the_load():
     env = dict(os.environ, VARFORMER_BENCH_SMOKE="1")
     proc = subprocess.Popen([sys.executable, "-m", "varformer", "bench", "--device", "cpu",
                              "--op", "model", "--threads", "1", "--load", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_default)
     try:
         for line in proc.stdout:                 # the header comes once the load is running
             if line.startswith("- command:"):
