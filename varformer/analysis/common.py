@@ -3,6 +3,7 @@ training run's folder), reading images at the model's 256x256, the VQVAE / VAR l
 image, and small image helpers (colour map, captioned grids)."""
 from __future__ import annotations
 
+import csv
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -190,3 +191,11 @@ __all__: Tuple[str, ...] = ("SIZE", "VAR_INPUTS", "UsageError", "load_model", "r
                             "list_images", "read_image", "to_model_input", "to_unit", "latents",
                             "decode", "colormap", "to_uint8", "grid", "progress", "stem",
                             "unique_stems", "WEIGHTS_HELP")
+
+
+def write_csv(path: str, fields: Sequence[str], rows: Sequence[dict]) -> None:
+    """rows (dicts keyed by ``fields``) as a CSV file with a header line."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields))
+        w.writeheader()
+        w.writerows(rows)

@@ -13,7 +13,6 @@ per image and level).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 from typing import Dict, Tuple
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import (SIZE, UsageError, colormap, grid, list_images, progress, read_image,
-                     to_uint8, to_unit, unique_stems)
+                     to_uint8, to_unit, unique_stems, write_csv)
 
 PARTS = (("encoder", "Mainencoder", (1, 2, 3, 4)), ("decoder", "main_decoder", (4, 3, 2, 1)))
 
@@ -91,11 +90,8 @@ def dae_main(args: argparse.Namespace, model) -> int:
         np.savez_compressed(os.path.join(args.out, f"{name}_dae.npz"), **arrays)
         bar.update()
     bar.close()
-    with open(os.path.join(args.out, "dae.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "part", "level", "resolution", "w2_mean",
-                                          "w2_std", "w2_min", "w2_max"])
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(os.path.join(args.out, "dae.csv"), ["image", "part", "level", "resolution",
+                                                   "w2_mean", "w2_std", "w2_min", "w2_max"], rows)
     print(f"varformer analyze dae: {len(files)} image(s) -> {args.out} "
           f"(<name>_dae.png, <name>_dae.npz, dae.csv); input size {SIZE}x{SIZE}")
     return 0

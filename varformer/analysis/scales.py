@@ -16,7 +16,6 @@ I_rec(C) against it.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .common import (UsageError, decode, grid, latents, list_images, progress, read_image,
-                     to_uint8, to_unit, unique_stems)
+                     to_uint8, to_unit, unique_stems, write_csv)
 
 K = 10   # VAR scales (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -143,11 +142,8 @@ def scales_main(args: argparse.Namespace, model) -> int:
         grid(tiles, captions, ncols=args.columns).save(os.path.join(args.out,
                                                                     f"{name}_scales.png"))
     bar.close()
-    csv_path = os.path.join(args.out, "scales.csv")
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "set", "scales", "psnr", "ssim"])
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(os.path.join(args.out, "scales.csv"), ["image", "set", "scales", "psnr", "ssim"],
+              rows)
     print(f"varformer analyze scales: {len(files)} image(s) x {len(sets)} sets -> "
           f"{args.out} (<name>_scales.png, scales.csv)")
     return 0

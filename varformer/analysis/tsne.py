@@ -13,7 +13,6 @@ alignment".
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 from typing import Dict, List, Sequence, Tuple
@@ -21,7 +20,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from .common import UsageError, latents, list_images, progress, read_image, stem
+from .common import UsageError, latents, list_images, progress, read_image, stem, write_csv
 
 LATENTS = ("F_e", "F_v")
 
@@ -121,10 +120,7 @@ def tsne_main(args: argparse.Namespace, model) -> int:
         plot(pts, data["group"], titles[k], os.path.join(args.out, f"tsne_{k}.png"))
         rows += [{"latent": k, "group": g, "image": stem(p), "x": f"{x:.5f}", "y": f"{y:.5f}"}
                  for g, p, (x, y) in zip(data["group"], data["image"], pts)]
-    with open(os.path.join(args.out, "tsne.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["latent", "group", "image", "x", "y"])
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(os.path.join(args.out, "tsne.csv"), ["latent", "group", "image", "x", "y"], rows)
     print(f"varformer analyze tsne: {len(data['group'])} images in {len(groups)} groups -> "
           f"{args.out} (tsne_F_e.png, tsne_F_v.png, tsne.csv)")
     return 0
