@@ -7,8 +7,10 @@
   above the resident size before the call, the least of three calls (one call when quick).
 * achieved FLOP/s and GB/s from per-op counts, the fraction of the FLOP peak, and the fraction
   of the roofline: the ideal time max(FLOPs / peak FLOP/s, bytes / peak bandwidth) over the
-  measured time. Peaks: a table of measured GPUs; on CPU an FMA-peak estimate from
-  ``/proc/cpuinfo`` (``cpu_info``) and a measured copy bandwidth.
+  measured time. Peaks: a table of measured GPUs; on CPU the FMA peak measured by a C++ loop of
+  independent FMA chains (``measured_fma_peak_gflops``; where the extension lacks it, the
+  estimate from ``/proc/cpuinfo``, ``cpu_info``) and a measured copy bandwidth, both measured
+  before any background load starts.
 * machine state: ``cpu_info`` (model, ISA, threads, load average), ``BackgroundLoad`` (busy
   processes for reproducing a loaded machine), ``metadata`` (what every table states).
 * results: CSV rows, a markdown table, a one-line summary per op, one plot per bench module
@@ -63,9 +65,18 @@ _ISA_ORDER = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "
 FMA_UNITS_ASSUMED = 2     # FMA pipes per core: two on recent x86 server/desktop cores
 
 
+def _int_field(val) -> int | None:
+    try:
+        return int(str(val).strip())
+    except ValueError:
+        return None
+
+
 def parse_cpuinfo(text: str) -> dict:
-    """Facts from ``/proc/cpuinfo`` text: ``model``, ``vendor``, ``flags`` (set), and one dict
-    per processor (``processor``, ``physical id``, ``core id``, ``cpu MHz``, ``bogomips``)."""
+    """Facts from ``/proc/cpuinfo`` text: ``model`` (the model name), ``vendor``, ``flags``
+    (set), ``family`` and ``model_number`` (the 'cpu family' and 'model' numbers, None where
+    absent), and one dict per processor (``processor``, ``physical id``, ``core id``,
+    ``cpu MHz``, ``bogomips``)."""
     procs, cur = [], {}
     for line in text.splitlines() + [""]:
         if not line.strip():
@@ -79,19 +90,35 @@ def parse_cpuinfo(text: str) -> dict:
     flags = set((first.get("flags") or first.get("features") or "").split())
     model = first.get("model name") or first.get("cpu model") or first.get("hardware") or ""
     return {"model": model, "vendor": first.get("vendor_id", ""), "flags": flags,
-            "processors": procs}
+            "family": _int_field(first.get("cpu family", "")),
+            "model_number": _int_field(first.get("model", "")), "processors": procs}
 
 
-def simd_fp32_lanes(flags, vendor: str = "") -> tuple[int, str]:
+def _zen1(vendor: str, family: int | None, model: int | None) -> bool:
+    """AMD Zen / Zen+ (family 0x17, model < 0x30) and Hygon's Zen-based Dhyana (family 0x18):
+    a 128-bit FP datapath, 256-bit AVX ops issue as two halves."""
+    if family is None or model is None:
+        return False
+    return ((vendor == "AuthenticAMD" and family == 0x17 and model < 0x30)
+            or (vendor == "HygonGenuine" and family == 0x18))
+
+
+def simd_fp32_lanes(flags, vendor: str = "", family: int | None = None,
+                    model: int | None = None) -> tuple[int, str]:
     """(fp32 lanes per FMA instruction, ISA name): avx512f → 16, avx2 + fma → 8, avx → 8
     (no FMA), sse → 4, NEON (asimd) → 4. AMD's first AVX-512 cores (Zen 4: no
-    ``avx512_vp2intersect``) execute 512-bit FMAs as two 256-bit halves: counted as 8 lanes."""
+    ``avx512_vp2intersect``) execute 512-bit FMAs as two 256-bit halves: counted as 8 lanes.
+    AMD Zen / Zen+ (``family`` 0x17 with ``model`` < 0x30, the 'cpu family' and 'model' numbers
+    of /proc/cpuinfo) execute 256-bit AVX ops as two 128-bit halves: counted as 4 lanes (Zen 2,
+    model 0x31 and up, has a 256-bit datapath)."""
     flags = set(flags)
     if "avx512f" in flags:
         if vendor == "AuthenticAMD" and "avx512_vp2intersect" not in flags:
             return 8, "avx512 (2x256-bit datapath)"
         return 16, "avx512"
     if "avx2" in flags and "fma" in flags:
+        if _zen1(vendor, family, model):
+            return 4, "avx2+fma (2x128-bit datapath)"
         return 8, "avx2+fma"
     if "avx" in flags:
         return 8, "avx (no fma)"
@@ -126,8 +153,9 @@ def cpu_peak_model(text: str, cpus=None, threads: int | None = None,
     """FP32 FMA peak estimated from ``/proc/cpuinfo`` text: cores × FMA units × SIMD lanes ×
     2 FLOP × GHz, counting the physical cores among ``cpus`` (logical CPU ids; default all) that
     ``threads`` threads can occupy (default: all of them). Returns ``model``, ``vendor``,
-    ``isa`` (list), ``simd``, ``lanes``, ``fma_units``, ``logical_cpus``, ``cores``,
-    ``cores_used``, ``ghz``, ``ghz_source``, ``peak_gflops_fp32`` and ``peak_formula``."""
+    ``family``, ``model_number``, ``isa`` (list), ``simd``, ``lanes``, ``fma_units``,
+    ``logical_cpus``, ``cores``, ``cores_used``, ``ghz``, ``ghz_source``, ``peak_gflops_fp32``
+    and ``peak_formula``."""
     parsed = parse_cpuinfo(text)
     procs = parsed["processors"]
     if cpus is not None:
@@ -139,7 +167,8 @@ def cpu_peak_model(text: str, cpus=None, threads: int | None = None,
              for i, p in enumerate(procs)}
     n_logical, n_cores = max(1, len(procs)), max(1, len(cores))
     used = n_cores if threads is None else max(1, min(int(threads), n_cores))
-    lanes, simd = simd_fp32_lanes(parsed["flags"], parsed["vendor"])
+    lanes, simd = simd_fp32_lanes(parsed["flags"], parsed["vendor"], parsed["family"],
+                                  parsed["model_number"])
     fma = "fma" in parsed["flags"] or simd in ("avx512", "avx512 (2x256-bit datapath)", "neon")
     ghz, source = _ghz(parsed, procs, sys_root)
     per_cycle = fma_units * lanes * (2 if fma else 1)
@@ -147,7 +176,8 @@ def cpu_peak_model(text: str, cpus=None, threads: int | None = None,
     formula = (f"{used} cores x {fma_units} FMA units x {lanes} lanes x "
                f"{2 if fma else 1} FLOP x {ghz:.2f} GHz ({source})")
     return {"model": parsed["model"] or platform.processor() or platform.machine(),
-            "vendor": parsed["vendor"],
+            "vendor": parsed["vendor"], "family": parsed["family"],
+            "model_number": parsed["model_number"],
             "isa": [f for f in _ISA_ORDER if f in parsed["flags"]], "simd": simd,
             "lanes": lanes, "fma_units": fma_units, "logical_cpus": n_logical, "cores": n_cores,
             "cores_used": used, "ghz": ghz, "ghz_source": source, "peak_gflops_fp32": peak,
@@ -175,11 +205,67 @@ def memory_bandwidth_gbs(mib: int = 128) -> float:
     return _BANDWIDTH[key]
 
 
-def cpu_info(threads: int | None = None, bandwidth: bool = False) -> dict:
+def _affinity_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+_FMA_PEAK: dict = {}    # threads -> (GFLOP/s or None, variant name or why not measured)
+FMA_PEAK_SECONDS = 0.3  # one measurement's length (best of 5 repeats inside the C++ loop)
+
+
+def _fma_peak_op():
+    """The extension's ``fma_peak_gflops`` op, or None where the extension is unavailable or
+    lacks it (builds the extension on first use)."""
+    try:
+        from varformer.ops import _ext
+        if not _ext.cpu_status()[0]:
+            return None
+        return torch.ops.varformer_ext.fma_peak_gflops
+    except Exception:
+        return None
+
+
+def _fma_peak_isa() -> str:
+    try:
+        return str(torch.ops.varformer_ext.fma_peak_isa())
+    except Exception:
+        return "?"
+
+
+def _fma_threads(threads: int | None) -> int:
+    threads = torch.get_num_threads() if threads is None else int(threads)
+    return max(1, min(threads, _affinity_cpus()))
+
+
+def measured_fma_peak_gflops(threads: int | None = None) -> float | None:
+    """FP32 FMA peak measured on this machine (GFLOP/s): the C++ extension's loop of 12
+    independent FMA chains per thread (AVX-512, AVX2+FMA or scalar, the widest the CPU runs) on
+    ``threads`` threads (default torch's count; at most the CPUs this process may use), best of
+    5 repeats, about ``FMA_PEAK_SECONDS`` in all. Measured once per thread count and cached, so
+    call it before starting a ``BackgroundLoad``. None where the extension lacks the op."""
+    threads = _fma_threads(threads)
+    if threads not in _FMA_PEAK:
+        op = _fma_peak_op()
+        if op is None:
+            _FMA_PEAK[threads] = (None, "")
+        else:
+            try:
+                _FMA_PEAK[threads] = (float(op(threads, FMA_PEAK_SECONDS)), _fma_peak_isa())
+            except Exception as exc:   # e.g. an older build of the op
+                _FMA_PEAK[threads] = (None, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    return _FMA_PEAK[threads][0]
+
+
+def cpu_info(threads: int | None = None, bandwidth: bool = False, measure: bool = True) -> dict:
     """This machine's CPU: ``model``, ``isa`` (list of extension flags), ``simd``, ``threads``
     (torch's thread count unless given), ``cores``, ``loadavg`` (1/5/15 min), the estimated
-    ``peak_gflops_fp32`` for those threads (see ``cpu_peak_model``; ``peak_formula`` says how)
-    and, with ``bandwidth=True``, the measured copy ``bandwidth_gbs``."""
+    ``peak_gflops_fp32`` for those threads (see ``cpu_peak_model``; ``peak_formula`` says how),
+    the measured ``peak_gflops_measured`` (``measured_fma_peak_gflops``; None where the
+    extension lacks it or ``measure=False``) with ``peak_measured_how`` (the loop's variant and
+    thread count) and, with ``bandwidth=True``, the measured copy ``bandwidth_gbs``."""
     threads = torch.get_num_threads() if threads is None else int(threads)
     try:
         with open("/proc/cpuinfo") as f:
@@ -193,16 +279,25 @@ def cpu_info(threads: int | None = None, bandwidth: bool = False) -> dict:
     info = cpu_peak_model(text, cpus, threads)
     info["threads"] = threads
     info["loadavg"] = loadavg()
+    info["peak_gflops_measured"] = measured_fma_peak_gflops(threads) if measure else None
+    info["peak_measured_how"] = ""
+    if info["peak_gflops_measured"] is not None:
+        n = _fma_threads(threads)
+        info["peak_measured_how"] = (f"FMA loop, {_FMA_PEAK[n][1]}, {n} thread"
+                                     f"{'s' if n != 1 else ''}")
     if bandwidth:
         info["bandwidth_gbs"] = memory_bandwidth_gbs()
     return info
 
 
 def cpu_peaks(threads: int | None = None) -> Peaks:
-    """Roofline ceilings of this CPU: estimated FMA peak (fp64 at half rate; bf16/fp16 counted
-    at the fp32 rate, as the CPU paths compute in fp32) and the measured copy bandwidth."""
+    """Roofline ceilings of this CPU: the measured FMA peak, else the estimate (fp64 at half
+    rate; bf16/fp16 counted at the fp32 rate, as the CPU paths compute in fp32), and the
+    measured copy bandwidth. Both measurements are cached per thread count: call this before a
+    ``BackgroundLoad`` starts so that the ceilings are the quiet machine's."""
     info = cpu_info(threads, bandwidth=True)
-    p = info["peak_gflops_fp32"] * 1e9
+    measured = info["peak_gflops_measured"]
+    p = (measured if measured is not None else info["peak_gflops_fp32"]) * 1e9
     return Peaks(f"{info['model']} ({info['simd']})", info["bandwidth_gbs"] * 1e9,
                  {torch.float32: p, torch.float64: p / 2, torch.bfloat16: p, torch.float16: p})
 
@@ -224,7 +319,7 @@ def describe_device(device: str) -> str:
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
         return f"{p.name} ({p.multi_processor_count} SMs)"
-    info = cpu_info()
+    info = cpu_info(measure=False)
     return f"CPU {info['model']} ({info['simd']}), {info['threads']} threads"
 
 
@@ -781,9 +876,25 @@ def plot(rows: list[Row], path: str, device: str | None = None,
     return True
 
 
+def cpu_peak_line(info: dict) -> str:
+    """The CPU FMA peak as tables state it: measured (``cpu_info``'s ``peak_gflops_measured``)
+    and estimated, or the estimate alone where nothing was measured."""
+    est = f"est. {info['peak_gflops_fp32']:.0f} GFLOP/s fp32 ({info['peak_formula']})"
+    if info.get("peak_gflops_measured") is None:
+        return est
+    return (f"measured {info['peak_gflops_measured']:.0f} GFLOP/s fp32 "
+            f"({info['peak_measured_how']}); {est}")
+
+
+# metadata keys for the CSV rows only (the header's cpu_peak line states them already)
+_CSV_ONLY = ("cpu_peak_gflops_measured", "cpu_peak_gflops_est")
+
+
 def metadata(device: str, command: str, load: "BackgroundLoad | None" = None) -> dict:
     """What every table states: date, device, CPU model, ISA, threads, background load and the
-    load average, peak model, torch/triton versions, command."""
+    load average, the CPU's FMA peak (measured and estimated, as a line and, for the CSV rows,
+    as two numbers: ``cpu_peak_gflops_measured`` is "-" where nothing was measured),
+    torch/triton versions, command."""
     try:
         import triton
         tv = triton.__version__
@@ -796,11 +907,14 @@ def metadata(device: str, command: str, load: "BackgroundLoad | None" = None) ->
             "isa_flags": " ".join(info["isa"]), "threads": info["threads"],
             "load": load.describe() if load is not None else "none",
             "loadavg": f"{la[0]:.2f} {la[1]:.2f} {la[2]:.2f}",
-            "cpu_peak": f"est. {info['peak_gflops_fp32']:.0f} GFLOP/s fp32 "
-                        f"({info['peak_formula']})",
+            "cpu_peak": cpu_peak_line(info),
+            "cpu_peak_gflops_measured": "-" if info["peak_gflops_measured"] is None
+                                        else f"{info['peak_gflops_measured']:.1f}",
+            "cpu_peak_gflops_est": f"{info['peak_gflops_fp32']:.1f}",
             "torch": torch.__version__, "triton": tv, "command": command}
 
 
 def metadata_lines(meta: dict) -> list[str]:
-    """``meta`` as markdown list lines."""
-    return [f"- {k}: {v}" if k != "command" else f"- command: `{v}`" for k, v in meta.items()]
+    """``meta`` as markdown list lines (without the CSV-only numbers)."""
+    return [f"- {k}: {v}" if k != "command" else f"- command: `{v}`" for k, v in meta.items()
+            if k not in _CSV_ONLY]

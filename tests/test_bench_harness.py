@@ -19,12 +19,18 @@ from varformer.benchmarks import harness
 
 
 def _cpuinfo(n, model, flags, mhz="2000.000", vendor="GenuineIntel", bogomips="4000.00",
-             cores_per_pkg=None, siblings_per_core=1):
+             cores_per_pkg=None, siblings_per_core=1, family=None, model_number=None):
     """/proc/cpuinfo text of ``n`` logical CPUs; ``siblings_per_core`` logical CPUs share a
-    core id. ``mhz=None`` leaves out the 'cpu MHz' line."""
+    core id. ``mhz=None`` leaves out the 'cpu MHz' line; ``family`` / ``model_number`` add the
+    'cpu family' / 'model' lines."""
     blocks = []
     for i in range(n):
-        lines = [f"processor\t: {i}", f"vendor_id\t: {vendor}", f"model name\t: {model}"]
+        lines = [f"processor\t: {i}", f"vendor_id\t: {vendor}"]
+        if family is not None:
+            lines.append(f"cpu family\t: {family}")
+        if model_number is not None:
+            lines.append(f"model\t\t: {model_number}")
+        lines.append(f"model name\t: {model}")
         if mhz is not None:
             lines.append(f"cpu MHz\t\t: {mhz}")
         lines += ["physical id\t: 0", f"core id\t\t: {i // siblings_per_core}",
@@ -94,6 +100,33 @@ def test_peak_clock_fallbacks_and_old_isas(no_sysfs, tmp_path):
     assert (zen4["lanes"], zen5["lanes"]) == (8, 16)
 
 
+def test_zen1_avx2_runs_on_a_128_bit_datapath(no_sysfs):
+    """AMD family 0x17 below model 0x30 (Zen, Zen+) issues 256-bit FMAs as two halves: 4 lanes;
+    Zen 2 (model 0x31) and Intel keep 8."""
+    naples = _cpuinfo(2, "AMD EPYC", AVX2, mhz="1996.250", vendor="AuthenticAMD", family=23,
+                      model_number=1)
+    parsed = harness.parse_cpuinfo(naples)
+    assert (parsed["family"], parsed["model_number"], parsed["model"]) == (23, 1, "AMD EPYC")
+    info = harness.cpu_peak_model(naples, sys_root=no_sysfs)
+    assert (info["simd"], info["lanes"]) == ("avx2+fma (2x128-bit datapath)", 4)
+    assert (info["family"], info["model_number"]) == (23, 1)
+    assert info["peak_gflops_fp32"] == pytest.approx(2 * 2 * 4 * 2 * 1.99625)
+    assert "2 cores x 2 FMA units x 4 lanes x 2 FLOP x 2.00 GHz" in info["peak_formula"]
+    zen_plus = harness.cpu_peak_model(_cpuinfo(1, "AMD Ryzen 7 2700X", AVX2,
+                                               vendor="AuthenticAMD", family=23,
+                                               model_number=8), sys_root=no_sysfs)
+    rome = harness.cpu_peak_model(_cpuinfo(1, "AMD EPYC 7742", AVX2, vendor="AuthenticAMD",
+                                           family=23, model_number=49), sys_root=no_sysfs)
+    assert (zen_plus["lanes"], rome["lanes"], rome["simd"]) == (4, 8, "avx2+fma")
+    # the same numbers from another vendor, or no numbers at all, change nothing
+    intel = harness.cpu_peak_model(_cpuinfo(1, "X", AVX2, family=23, model_number=1),
+                                   sys_root=no_sysfs)
+    bare = harness.parse_cpuinfo(_cpuinfo(1, "AMD EPYC", AVX2, vendor="AuthenticAMD"))
+    assert intel["lanes"] == 8 and (bare["family"], bare["model_number"]) == (None, None)
+    assert harness.simd_fp32_lanes(AVX2.split(), "AuthenticAMD") == (8, "avx2+fma")
+    assert harness.simd_fp32_lanes(AVX2.split(), "HygonGenuine", 24, 0)[0] == 4
+
+
 def test_cpu_info_of_this_machine():
     info = harness.cpu_info(bandwidth=False)
     assert info["threads"] == torch.get_num_threads()
@@ -101,8 +134,73 @@ def test_cpu_info_of_this_machine():
     assert harness.cpu_info(threads=1)["cores_used"] == 1
     assert harness.memory_bandwidth_gbs(mib=8) > 0
     peaks = harness.device_peaks("cpu")
-    assert peaks.flops[torch.float32] == pytest.approx(info["peak_gflops_fp32"] * 1e9)
+    ceiling = info["peak_gflops_measured"] or info["peak_gflops_fp32"]
+    assert peaks.flops[torch.float32] == pytest.approx(ceiling * 1e9)
     assert peaks.bandwidth > 0
+
+
+def _generous_peak_gflops(threads):
+    """An upper bound no CPU reaches: 32 fp32 lanes x 2 FMA pipes x 2 FLOP x 6 GHz per CPU."""
+    return min(threads, harness._affinity_cpus()) * 32 * 2 * 2 * 6.0
+
+
+def test_measured_fma_peak():
+    """The C++ FMA loop: positive, below a generous bound, cached per thread count; the
+    header's cpu_peak line states it and the estimate; the CSV metadata carries both."""
+    if harness._fma_peak_op() is None:
+        pytest.skip("C++ extension unavailable")
+    n = harness._affinity_cpus()
+    for threads in sorted({1, n}):
+        g = harness.measured_fma_peak_gflops(threads)
+        assert 0 < g <= 1.2 * _generous_peak_gflops(threads)
+        assert harness.measured_fma_peak_gflops(threads) == g        # cached
+    # more threads than CPUs measure (and cache) as many as there are CPUs
+    assert harness.measured_fma_peak_gflops(n + 3) == harness.measured_fma_peak_gflops(n)
+    info = harness.cpu_info(threads=1)
+    assert info["peak_gflops_measured"] == harness.measured_fma_peak_gflops(1)
+    assert info["peak_measured_how"].startswith("FMA loop, ") and "1 thread" in \
+        info["peak_measured_how"]
+    assert harness.cpu_info(measure=False)["peak_gflops_measured"] is None
+    meta = harness.metadata("cpu", "varformer bench")
+    g = harness.measured_fma_peak_gflops(torch.get_num_threads())
+    assert meta["cpu_peak"].startswith(f"measured {g:.0f} GFLOP/s fp32 (FMA loop, ")
+    assert "; est. " in meta["cpu_peak"] and " lanes x " in meta["cpu_peak"]
+    assert float(meta["cpu_peak_gflops_measured"]) == pytest.approx(g, abs=0.05)
+    assert float(meta["cpu_peak_gflops_est"]) > 0
+    lines = harness.metadata_lines(meta)      # the numbers are for the CSV rows only
+    assert not any(ln.startswith("- cpu_peak_gflops") for ln in lines)
+    assert any(ln.startswith("- cpu_peak: measured ") for ln in lines)
+
+
+def test_fma_peak_op_variants():
+    """Every variant this CPU runs measures a positive rate; bad arguments are errors."""
+    if harness._fma_peak_op() is None:
+        pytest.skip("C++ extension unavailable")
+    op = torch.ops.varformer_ext.fma_peak_gflops
+    widest = torch.ops.varformer_ext.fma_peak_isa()
+    assert widest in ("avx512", "avx2", "scalar")
+    order = ("avx512", "avx2", "scalar")
+    for isa in order[order.index(widest):]:
+        assert 0 < op(1, 0.05, isa) <= 1.2 * _generous_peak_gflops(1)
+    if widest != "avx512":
+        with pytest.raises(RuntimeError, match="cannot run the avx512 variant"):
+            op(1, 0.05, "avx512")
+    for args in ((0, 0.05), (1, 0.0), (1, 0.05, "sse9")):
+        with pytest.raises(RuntimeError):
+            op(*args)
+
+
+def test_peak_falls_back_to_the_estimate_without_the_op(monkeypatch):
+    monkeypatch.setattr(harness, "_fma_peak_op", lambda: None)
+    monkeypatch.setattr(harness, "_FMA_PEAK", {})
+    assert harness.measured_fma_peak_gflops(1) is None
+    info = harness.cpu_info(bandwidth=False)
+    assert info["peak_gflops_measured"] is None and info["peak_measured_how"] == ""
+    peaks = harness.cpu_peaks()
+    assert peaks.flops[torch.float32] == pytest.approx(info["peak_gflops_fp32"] * 1e9)
+    meta = harness.metadata("cpu", "varformer bench")
+    assert meta["cpu_peak"].startswith("est. ") and "measured" not in meta["cpu_peak"]
+    assert meta["cpu_peak_gflops_measured"] == "-"
 
 
 # ------------------------------------------------------------------------------ background load
@@ -351,7 +449,13 @@ def test_bench_smoke_run_end_to_end(tmp_path):
         assert rows and all(r["threads"] == "1" and r["cpu"] and r["isa"] for r in rows)
         assert all(float(r["ms"]) > 0 for r in rows)
     md = (out / "bench_cpu.md").read_text()
-    assert "- cpu_peak: est." in md and "- load: --load 1" in md and "summary model" in md
+    if harness._fma_peak_op() is not None:      # the extension measures the FMA peak
+        assert "- cpu_peak: measured " in md and "; est. " in md
+        assert all(r["cpu_peak_gflops_measured"] != "-" for r in rows)
+    else:
+        assert "- cpu_peak: est." in md
+    assert all(float(r["cpu_peak_gflops_est"]) > 0 for r in rows)
+    assert "- load: --load 1" in md and "summary model" in md
     assert _busy_children_of(proc.pid) == []
 
 

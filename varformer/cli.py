@@ -100,6 +100,12 @@ def _bench_run(args, harness, device, ops, dtypes, smoke, quick, state) -> int:
         plan.append((op, cases))
     total = state["total"] = sum(c.n_measurements() for _, cases in plan for c in cases)
 
+    # The CPU's FMA peak (and on CPU the copy bandwidth) are measured once and cached: here,
+    # before the background load starts, so that % of peak under load is against the quiet
+    # machine's ceilings.
+    harness.measured_fma_peak_gflops(torch.get_num_threads())
+    if device != "cuda":
+        harness.cpu_peaks()
     with harness.BackgroundLoad(args.load, torch.get_num_threads()) as load:
         meter = harness.LoadMeter()
         meta = harness.metadata(device, _bench_command(args, device, smoke), load)

@@ -9,6 +9,8 @@ z [N, C], codebook [V, C], sqnorm [V] -> idx int64 [N], dist [N], codes [N, C] (
 
     vq_cpu_isa(str request) -> str          the CPU inner-kernel variant a call runs
     vq_cpu_isa_table() -> str[]             "name|target|why not usable" per variant
+    fma_peak_gflops(int threads, float seconds, str isa="") -> float
+                                            measured FP32 FMA peak (GFLOP/s) on that many threads
 
 One shared library is built per process with ``torch.utils.cpp_extension.load`` (lean headers,
 no pybind11, ``is_python_module=False``): from ``CPU_SOURCES`` on CPU-only machines, plus
@@ -42,6 +44,7 @@ CPU_SOURCES = (
     "vq_lookup_avx2.cpp",               # VQ lookup inner kernel, avx2 + fma
     "vq_lookup_baseline.cpp",           # VQ lookup inner kernel, portable 16-byte vectors
     "window_attention.cpp",             # Swin window attention fwd/bwd (own schema fragment)
+    "fma_peak.cpp",                     # measured FP32 FMA peak (benchmark harness's ceiling)
 )
 CUDA_SOURCES = ("vq_lookup_cuda.cu",)
 HEADERS = (                             # included by the sources; part of the build name's hash
