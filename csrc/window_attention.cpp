@@ -14,7 +14,9 @@
 // The backward recomputes P = exp(s - lse), writes dq, dk, dv straight into dqkv in image
 // layout (every pixel belongs to exactly one window: no races) and reduces the table gradient
 // deterministically: items are cut into a fixed number of chunks (independent of the thread
-// count), each with its own partial table, summed in chunk order at the end.
+// count); a chunk sums ds per head and token pair (vector adds, no scattered table updates per
+// item), maps those sums to its own partial table once, and the partial tables are summed in
+// chunk order at the end.
 //
 // One parallel region per call (at::parallel_for, torch's own thread pool); inside it threads
 // take blocks of items from an atomic counter, so a descheduled thread on a busy machine delays
@@ -194,6 +196,31 @@ VF_INLINE bool window_tokens(const Geometry& g, int64_t w, int64_t* pix, int32_t
   return mixed;
 }
 
+// Software prefetch of window w's pixel rows (`ld` elements from `base` + pixel * ld) into the
+// cache: the rows of a window are scattered over ws image rows, which the hardware prefetcher
+// does not follow, so without it every head's first touch of q/k/v waits on memory. Issued
+// for the next window while the current one's heads run.
+template <typename T>
+VF_INLINE void prefetch_window(const Geometry& g, int64_t w, const T* base, int64_t ld,
+                               bool write) {
+  if (w >= g.B * g.nWy * g.nWx) return;
+  const int64_t wx = w % g.nWx, wy = (w / g.nWx) % g.nWy, b = w / (g.nWx * g.nWy);
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  for (int64_t ty = 0; ty < g.ws; ++ty) {
+    int64_t y = wy * g.ws + ty + g.shift;
+    y = y >= g.H ? y - g.H : y;
+    for (int64_t tx = 0; tx < g.ws; ++tx) {
+      int64_t x = wx * g.ws + tx + g.shift;
+      x = x >= g.W ? x - g.W : x;
+      const T* row = base + ((b * g.H + y) * g.W + x) * ld;
+      for (int64_t c = 0; c < ld; c += kLine) {
+        if (write) __builtin_prefetch(row + c, 1, 3);
+        else __builtin_prefetch(row + c, 0, 3);
+      }
+    }
+  }
+}
+
 // Bias of every head and token pair from the table: [heads][N][NP] (padding columns 0).
 template <typename T>
 std::vector<T> bias_matrix(const Geometry& g, const T* table, std::vector<int32_t>& rpi) {
@@ -216,11 +243,13 @@ struct Scratch {
   std::vector<int64_t> pix;
   std::vector<int32_t> rid;
   std::vector<T> qb, kb, vb, ob, kt, vt, s, p, delta, rowsum;
+  std::vector<T> dbias;   // backward: this chunk's sum of ds per head and token pair [nh][N*N]
   WindowCache cache;
   explicit Scratch(const Geometry& g, bool backward)
       : pix(g.N), rid(g.N), qb(g.NP * g.HDP), kb(backward ? g.NP * g.HDP : 0),
         vb(g.NP * g.HDV), ob(g.NP * g.HDV), kt(g.HDP * g.NP), vt(backward ? g.HDP * g.NP : 0),
-        s(g.NP * g.NP), p(backward ? g.NP * g.NP : 0), delta(g.NP), rowsum(g.NP) {
+        s(g.NP * g.NP), p(backward ? g.NP * g.NP : 0), delta(g.NP), rowsum(g.NP),
+        dbias(backward ? g.nh * g.N * g.N : 0) {
     // forward: v rows (stride HDV) carry a column of ones, so p v also yields the row sums
     if (!backward)
       for (int64_t t = 0; t < g.NP; ++t) vb[t * g.HDV + g.hd] = T(1);
@@ -283,18 +312,19 @@ VF_INLINE void softmax_rows(const Geometry& g, T* __restrict s, const T* __restr
 #pragma omp simd
       for (int64_t j = 0; j < N; ++j) row[j] = row[j] * scale + brow[j];
     }
+    T l;
     if (sub != nullptr) {
-      const T l = sub[i];
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) row[j] = exp_clamped(row[j] - l);
+      l = sub[i];
     } else {
       T m = row[0];
 #pragma omp simd reduction(max : m)
       for (int64_t j = 0; j < N; ++j) m = row[j] > m ? row[j] : m;
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) row[j] = exp_clamped(row[j] - m);
       lse_row[i] = m;
+      l = m;
     }
+    // one exp loop for both cases (written twice, GCC left the forward's copy scalar)
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) row[j] = exp_clamped(row[j] - l);
   }
 }
 
@@ -315,6 +345,7 @@ VF_INLINE void forward_item(const FwdArgs<T>& a, int64_t item, Scratch<T>& sc) {
   const int64_t N = g.N, NP = g.NP, HDP = g.HDP, HDV = g.HDV, C3 = 3 * g.C, hd = g.hd;
   const bool masked = window_tokens(g, w, sc.pix.data(), sc.rid.data(), sc.cache);
   const int64_t* pix = sc.pix.data();
+  if (h == 0) prefetch_window(g, w + 1, a.qkv, C3, false);
   gather_rows(g, a.qkv, C3, h * hd, pix, sc.qb.data(), static_cast<T*>(nullptr), HDP);
   gather_rows(g, a.qkv, C3, g.C + h * hd, pix, static_cast<T*>(nullptr), sc.kt.data(), HDP);
   gather_rows(g, a.qkv, C3, 2 * g.C + h * hd, pix, sc.vb.data(), static_cast<T*>(nullptr),
@@ -362,7 +393,7 @@ struct BwdArgs {
 };
 
 template <typename T, int MB>
-VF_INLINE void backward_item(const BwdArgs<T>& a, int64_t item, Scratch<T>& sc, T* part) {
+VF_INLINE void backward_item(const BwdArgs<T>& a, int64_t item, Scratch<T>& sc) {
   const Geometry& g = a.g;
   const int64_t h = item % g.nh, w = item / g.nh, b = w / (g.nWx * g.nWy);
   const int64_t N = g.N, NP = g.NP, HDP = g.HDP, C = g.C, C3 = 3 * C, hd = g.hd;
@@ -370,6 +401,12 @@ VF_INLINE void backward_item(const BwdArgs<T>& a, int64_t item, Scratch<T>& sc, 
   const T scale = static_cast<T>(g.scale);
   const bool masked = window_tokens(g, w, sc.pix.data(), sc.rid.data(), sc.cache);
   const int64_t* pix = sc.pix.data();
+  if (h == 0) {
+    prefetch_window(g, w + 1, a.qkv, C3, false);
+    prefetch_window(g, w + 1, a.dout, C, false);
+    prefetch_window(g, w + 1, a.out, C, false);
+    prefetch_window(g, w + 1, static_cast<const T*>(a.dqkv), C3, true);
+  }
   gather_rows(g, a.qkv, C3, h * hd, pix, sc.qb.data(), static_cast<T*>(nullptr), HDP);
   gather_rows(g, a.qkv, C3, C + h * hd, pix, sc.kb.data(), sc.kt.data(), HDP);
   gather_rows(g, a.qkv, C3, 2 * C + h * hd, pix, static_cast<T*>(nullptr), sc.vt.data(), HDP);
@@ -388,17 +425,21 @@ VF_INLINE void backward_item(const BwdArgs<T>& a, int64_t item, Scratch<T>& sc, 
   gemm<T, MB>(NP, NP, hd, sc.qb.data(), HDP, 1, sc.kt.data(), NP, sc.p.data(), NP, T(1));
   softmax_rows(g, sc.p.data(), a.bias + h * N * NP, sc.rid.data(), masked,
                static_cast<const T*>(lse_row), static_cast<T*>(nullptr), sc.rowsum.data());
-  // dp = dO v^T, ds = p (dp - delta) (in s), table gradient
+  // dp = dO v^T, ds = p (dp - delta) (in s); ds summed per token pair for the table gradient
+  // (mapped to table rows once per chunk, in backward_range: no scattered adds per item)
   gemm<T, MB>(NP, NP, hd, sc.vb.data(), HDP, 1, sc.vt.data(), NP, sc.s.data(), NP, T(1));
+  T* __restrict dbias = sc.dbias.data() + h * N * N;
   for (int64_t i = 0; i < N; ++i) {
     T* __restrict ds = sc.s.data() + i * NP;
     const T* __restrict pr = sc.p.data() + i * NP;
+    T* __restrict db = dbias + i * N;
     const T di = sc.delta[i];
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) ds[j] = pr[j] * (ds[j] - di);
+    for (int64_t j = 0; j < N; ++j) {
+      ds[j] = pr[j] * (ds[j] - di);
+      db[j] += ds[j];
+    }
     for (int64_t j = N; j < NP; ++j) ds[j] = T(0);
-    const int32_t* __restrict ri = a.rpi + i * N;
-    for (int64_t j = 0; j < N; ++j) part[ri[j] * g.nh + h] += ds[j];
   }
   T* dq = a.dqkv + h * hd;
   // dv = p^T dO
@@ -451,7 +492,13 @@ VF_INLINE void forward_range(const FwdArgs<T>& a, int64_t i0, int64_t i1, Scratc
 template <typename T, int MB>
 VF_INLINE void backward_range(const BwdArgs<T>& a, int64_t i0, int64_t i1, Scratch<T>& sc,
                               T* part) {
-  for (int64_t it = i0; it < i1; ++it) backward_item<T, MB>(a, it, sc, part);
+  for (int64_t it = i0; it < i1; ++it) backward_item<T, MB>(a, it, sc);
+  // this chunk's per-pair sums -> its partial table (fixed order), then cleared for the next
+  const int64_t nh = a.g.nh, NN = a.g.N * a.g.N;
+  T* __restrict db = sc.dbias.data();
+  for (int64_t h = 0; h < nh; ++h)
+    for (int64_t ij = 0; ij < NN; ++ij) part[a.rpi[ij] * nh + h] += db[h * NN + ij];
+  std::fill(sc.dbias.begin(), sc.dbias.end(), T(0));
 }
 
 #if defined(__x86_64__) || defined(__i386__)

@@ -26,6 +26,15 @@ def test_bench_prints_table_and_writes_results(tmp_path, monkeypatch, capsys):
 def test_bench_rejects_unknown_op(capsys):
     assert cli.main(["bench", "--op", "nope", "--device", "cpu"]) == 2
     assert "unknown --op" in capsys.readouterr().err
+    assert cli.main(["bench", "--op", "vq,nope", "--device", "cpu"]) == 2
+    assert "unknown --op 'nope'" in capsys.readouterr().err
+
+
+def test_bench_takes_a_comma_list_of_ops(monkeypatch, capsys):
+    monkeypatch.setenv("VARFORMER_BENCH_SMOKE", "1")
+    assert cli.main(["bench", "--op", "vq, window_attention", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "\n## vq\n" in out and "\n## window_attention\n" in out and "## model" not in out
 
 
 def test_bench_model_on_cpu(tmp_path, monkeypatch, capsys):

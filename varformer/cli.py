@@ -56,7 +56,7 @@ def _bench(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda but torch sees no CUDA device")
-    ops = [args.op] if args.op else list(OPS)
+    ops = [o.strip() for o in args.op.split(",") if o.strip()] if args.op else list(OPS)
     for op in ops:
         if op not in OPS:
             return fail(f"unknown --op {op!r}; choose from {', '.join(OPS)}")
@@ -110,12 +110,14 @@ def _bench_run(args, harness, device, ops, dtypes, smoke, quick, state) -> int:
         meter = harness.LoadMeter()
         meta = harness.metadata(device, _bench_command(args, device, smoke), load)
         head = ["# varformer bench", ""] + harness.metadata_lines(meta)
+        widths = harness.line_widths(c for _, cases in plan for c in cases)
+        # set before the header is printed: an interrupt from then on names where it stopped
+        log = state["log"] = harness.Log(total, desc="varformer bench", widths=widths)
+        state["op"] = plan[0][0] if plan else None
         print("\n".join(head), flush=True)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
         md_path = os.path.join(args.out, f"bench_{device}.md") if args.out else None
-        widths = harness.line_widths(c for _, cases in plan for c in cases)
-        log = state["log"] = harness.Log(total, desc="varformer bench", widths=widths)
         sections = []
         try:
             for op, cases in plan:
@@ -349,7 +351,7 @@ def main(argv=None) -> int:
         epilog="Environment: VARFORMER_BENCH_SMOKE=1 runs one tiny case per op with a single "
                "repetition and without torch.compile providers (implies --quick; for "
                "end-to-end tests, not for numbers).")
-    b.add_argument("--op", help=f"one of: {', '.join(OPS)} (default: all)")
+    b.add_argument("--op", help=f"one of, or a comma list of: {', '.join(OPS)} (default: all)")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     b.add_argument("--quick", action="store_true",
                    help="a few shapes and about 1 s of repetitions per measurement (a few "

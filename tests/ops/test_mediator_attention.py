@@ -219,6 +219,34 @@ def test_cpu_units_cover_every_split(cpu_units):
 
 
 @pytest.mark.skipif(ON_GPU, reason="CPU path")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_small_backward_with_fewer_heads_than_workers_uses_units(monkeypatch, dtype):
+    """Under CPU_INLINE_FLOPS the forward is one flash call, but the backward of B*H < workers
+    heads is cut into one unit per worker (the flash backward runs a thread per head); its
+    gradients match float64 autograd and torch's thread count is unchanged."""
+    monkeypatch.setattr(_mam, "_cpu_workers", lambda: 3)
+    monkeypatch.setenv("VARFORMER_BACKEND", "auto")
+    calls = []
+    real = _mam._run_units
+    monkeypatch.setattr(_mam, "_run_units",
+                        lambda n, fn, w: (calls.append((n, w)), real(n, fn, w))[1])
+    q, m, k, v = make(1, 1, 70, 16, 90, 20, dtype, grad=True)
+    before = torch.get_num_threads()
+    out = mediator_attention(q, m, k, v)
+    assert calls == []                              # forward: inline flash calls
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    assert calls and all(n <= 3 for n, _ in calls)  # backward: one unit per worker at most
+    assert torch.get_num_threads() == before
+    ref = [t.detach().double().requires_grad_() for t in (q, m, k, v)]
+    qq, mm, kk, vv = ref
+    s_ref = torch.softmax(mm @ kk.mT * 20 ** -0.5, -1) @ vv
+    (torch.softmax(qq @ mm.mT * 20 ** -0.5, -1) @ s_ref * g.double()).sum().backward()
+    for name, t, r in zip("qmkv", (q, m, k, v), ref):
+        assert _err(t.grad, r.grad, 1e-3 * g.double().norm().item()) < TOL[dtype][1], name
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU path")
 @pytest.mark.parametrize("workers", [1, 3])
 def test_cpu_units_deterministic_and_thread_count_kept(cpu_units, monkeypatch, workers):
     monkeypatch.setattr(_mam, "_cpu_workers", lambda: workers)
