@@ -58,6 +58,7 @@ def cpu_kernel_label() -> str:
         return f"fused C++ (unavailable: {str(exc).splitlines()[0][:60]})"
     info = harness.cpu_info()
     lanes, flop = _ISA_LANES[isa]
+    lanes = min(lanes, info["lanes"])       # a narrower datapath (Zen 1: 2x128-bit) caps it
     peak = info["cores_used"] * info["fma_units"] * lanes * flop * info["ghz"]
     return f"fused C++ ({isa}, peak ~{peak:.0f} GFLOP/s)"
 

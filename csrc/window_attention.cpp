@@ -493,12 +493,16 @@ template <typename T, int MB>
 VF_INLINE void backward_range(const BwdArgs<T>& a, int64_t i0, int64_t i1, Scratch<T>& sc,
                               T* part) {
   for (int64_t it = i0; it < i1; ++it) backward_item<T, MB>(a, it, sc);
-  // this chunk's per-pair sums -> its partial table (fixed order), then cleared for the next
+  // this chunk's per-pair sums -> its partial table (fixed order), then cleared for the next;
+  // only the heads its items touched (consecutive items are the heads of one window)
   const int64_t nh = a.g.nh, NN = a.g.N * a.g.N;
   T* __restrict db = sc.dbias.data();
-  for (int64_t h = 0; h < nh; ++h)
+  const int64_t touched = std::min<int64_t>(nh, i1 - i0);
+  for (int64_t k = 0; k < touched; ++k) {
+    const int64_t h = (i0 + k) % nh;
     for (int64_t ij = 0; ij < NN; ++ij) part[a.rpi[ij] * nh + h] += db[h * NN + ij];
-  std::fill(sc.dbias.begin(), sc.dbias.end(), T(0));
+    std::fill(db + h * NN, db + (h + 1) * NN, T(0));
+  }
 }
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -666,7 +670,9 @@ std::tuple<at::Tensor, at::Tensor> window_attention_bwd(
   const at::Tensor table = rpb_table.to(qkv.scalar_type()).contiguous();
   // A fixed number of chunks (not threads): the table gradient's summation order depends only
   // on the problem, so it is the same for any thread count.
-  const int64_t chunks = std::min<int64_t>(g.items, 128);
+  // At least 16 items a chunk: each chunk maps its per-pair sums (heads x N^2) to the table
+  // once, which for 8x8 windows and a few items a chunk cost more than the items' own adds.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(g.items / 16, 128));
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention", [&] {
     std::vector<int32_t> rpi;
     const std::vector<scalar_t> bias = bias_matrix<scalar_t>(g, table.data_ptr<scalar_t>(), rpi);

@@ -8,10 +8,11 @@ from varformer.benchmarks import bench_mediator_attention as bench
 def test_bench_prints_table_and_writes_results(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VARFORMER_BENCH_SMOKE", "1")      # one tiny case per op, once
     monkeypatch.setattr(bench, "SMOKE", [(1, 2, 256, 16, 32)])
-    from varformer.benchmarks import bench_model       # the model has its own test below
-    monkeypatch.setattr(bench_model, "cases", lambda *a, **k: [])
-    assert cli.main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    # a comma list of ops (the model's smoke run is in tests/test_bench_harness.py)
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--op", "mediator_attention, vq",
+                     "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    assert "\n## vq\n" in out and "## window_attention" not in out and "## model" not in out
     lines = [ln for ln in out.splitlines() if ln.startswith("| mediator_attention")]
     # eager baseline, fused, two SDPA calls; forward and forward+backward
     assert len(lines) == 6
@@ -29,16 +30,3 @@ def test_bench_rejects_unknown_op(capsys):
     assert cli.main(["bench", "--op", "vq,nope", "--device", "cpu"]) == 2
     assert "unknown --op 'nope'" in capsys.readouterr().err
 
-
-def test_bench_takes_a_comma_list_of_ops(monkeypatch, capsys):
-    monkeypatch.setenv("VARFORMER_BENCH_SMOKE", "1")
-    assert cli.main(["bench", "--op", "vq, window_attention", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "\n## vq\n" in out and "\n## window_attention\n" in out and "## model" not in out
-
-
-def test_bench_model_on_cpu(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("VARFORMER_BENCH_SMOKE", "1")
-    assert cli.main(["bench", "--op", "model", "--quick", "--device", "cpu"]) == 0
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| model")]
-    assert len(lines) == 2 and all("nan" not in ln.split("|")[6] for ln in lines)

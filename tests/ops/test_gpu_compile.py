@@ -15,7 +15,14 @@ KERNELS = {"mediator_fwd", "mediator_combine", "mediator_bwd_dkdv", "mediator_bw
 
 @pytest.fixture(scope="module")
 def rows():
-    return compile_check.run(archs=(90,)) + compile_check.run(archs=(80,), dtypes=("bf16",))
+    # three child compiles (each its own process), two at a time: the check is CPU-bound and
+    # took 137 s serially on a 2-core machine
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = [((90,), ("fp16", "bf16")), ((90,), ("fp32",)), ((80,), ("bf16",))]
+    assert {d for _, ds in jobs[:2] for d in ds} == set(compile_check.DTYPES)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        parts = list(pool.map(lambda j: compile_check.run(archs=j[0], dtypes=j[1]), jobs))
+    return [r for part in parts for r in part]
 
 
 def test_inventory_covers_every_kernel():

@@ -99,12 +99,15 @@ def test_summary_output_and_its_gradient(backend):
 
 
 @pytest.mark.skipif(not triton_usable(), reason="Triton unusable here")
-@pytest.mark.parametrize("splits", [1, 2, 5])
-@pytest.mark.parametrize("d", [32, 160])
+@pytest.mark.parametrize("splits,d", [(1, 32), (2, 32), (5, 32), (5, 160)]
+                         + ([(1, 160), (2, 160)] if ON_GPU else []))
 def test_triton_split_paths(splits, d):
-    """Split-KV forward (combine kernel) and split backward partials, forced."""
+    """Split-KV forward (combine kernel) and split backward partials, forced. d = 160 (the
+    two-piece head tiles) at smaller sizes and one split count under the interpreter (each of
+    its cases took 35-60 s on a 2-core CPU)."""
     from varformer.kernels import mediator_attention as kern
-    q, m, k, v = make(1, 1, 130, 70, 300, d, torch.float32)
+    N, L, Nk = (130, 70, 300) if d == 32 or ON_GPU else (70, 40, 150)
+    q, m, k, v = make(1, 1, N, L, Nk, d, torch.float32)
     s = d ** -0.5
     out, summ, lse_s, lse_o = kern.mediator_attention_forward(q, m, k, v, s, num_splits=splits)
     assert rel_err(out, reference64(q, m, k, v)) < 2e-5
@@ -219,37 +222,32 @@ def test_cpu_units_cover_every_split(cpu_units):
 
 
 @pytest.mark.skipif(ON_GPU, reason="CPU path")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_small_backward_with_fewer_heads_than_workers_uses_units(monkeypatch, dtype):
-    """Under CPU_INLINE_FLOPS the forward is one flash call, but the backward of B*H < workers
-    heads is cut into one unit per worker (the flash backward runs a thread per head); its
-    gradients match float64 autograd and torch's thread count is unchanged."""
-    monkeypatch.setattr(_mam, "_cpu_workers", lambda: 3)
-    monkeypatch.setenv("VARFORMER_BACKEND", "auto")
-    calls = []
+def test_backward_threads_follow_the_machine_load(cpu_units, monkeypatch):
+    """On a busy machine the backward runs on the CPUs left free (one here), the forward keeps
+    torch's threads; the gradients are those of float64 autograd either way."""
+    from varformer.ops import _ext
+    monkeypatch.setattr(_ext, "load_aware_threads", lambda want=None: 1)
+    assert _mam._cpu_workers() == max(1, torch.get_num_threads())
+    assert _mam._cpu_workers(backward=True) == 1
+    seen = []
     real = _mam._run_units
-    monkeypatch.setattr(_mam, "_run_units",
-                        lambda n, fn, w: (calls.append((n, w)), real(n, fn, w))[1])
-    q, m, k, v = make(1, 1, 70, 16, 90, 20, dtype, grad=True)
-    before = torch.get_num_threads()
+    monkeypatch.setattr(_mam, "_run_units", lambda n, fn, w: (seen.append(w), real(n, fn, w))[1])
+    q, m, k, v = make(1, 2, 50, 9, 80, 20, torch.float64, grad=True)
     out = mediator_attention(q, m, k, v)
-    assert calls == []                              # forward: inline flash calls
     g = torch.randn_like(out)
+    n_fwd = len(seen)
     (out * g).sum().backward()
-    assert calls and all(n <= 3 for n, _ in calls)  # backward: one unit per worker at most
-    assert torch.get_num_threads() == before
-    ref = [t.detach().double().requires_grad_() for t in (q, m, k, v)]
-    qq, mm, kk, vv = ref
-    s_ref = torch.softmax(mm @ kk.mT * 20 ** -0.5, -1) @ vv
-    (torch.softmax(qq @ mm.mT * 20 ** -0.5, -1) @ s_ref * g.double()).sum().backward()
-    for name, t, r in zip("qmkv", (q, m, k, v), ref):
-        assert _err(t.grad, r.grad, 1e-3 * g.double().norm().item()) < TOL[dtype][1], name
+    assert seen[n_fwd:] and all(w == 1 for w in seen[n_fwd:])
+    ref = [t.detach().clone().requires_grad_() for t in (q, m, k, v)]
+    (mediator_attention_reference(*ref) * g).sum().backward()
+    for t, r in zip((q, m, k, v), ref):
+        assert rel_err(t.grad, r.grad) < 1e-10
 
 
 @pytest.mark.skipif(ON_GPU, reason="CPU path")
 @pytest.mark.parametrize("workers", [1, 3])
 def test_cpu_units_deterministic_and_thread_count_kept(cpu_units, monkeypatch, workers):
-    monkeypatch.setattr(_mam, "_cpu_workers", lambda: workers)
+    monkeypatch.setattr(_mam, "_cpu_workers", lambda backward=False: workers)
     q, m, k, v = make(1, 2, 50, 9, 80, 20, torch.float32, grad=True)
     before = torch.get_num_threads()
     runs = []

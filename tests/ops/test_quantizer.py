@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import DEVICE, triton_usable
+from tests.conftest import DEVICE, ON_GPU, triton_usable
 from varformer.ops import MultiScaleQuantizer
 from varformer.ops.quantizer import phi_index
 
@@ -86,6 +86,8 @@ PATHS = ["reference", "auto", "triton"]
 def test_quantize_matches_eager_reference(path, B):
     if path == "triton" and not triton_usable():
         pytest.skip("Triton unusable here")
+    if path == "triton" and not ON_GPU:
+        B = min(B, 2)     # the interpreter: B = 4 took 94 s on a 2-core CPU; 2 keeps a batch
     q = make(path)
     f = torch.randn(B, 32, 16, 16, device=DEVICE)
     idxs, fhats, priors = ref_quantize(q, f)

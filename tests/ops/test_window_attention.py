@@ -48,6 +48,9 @@ SHAPES = [
     (2, 8, 8, 8, 4, 3, 32),
     (1, 8, 24, 8, 0, 1, 20),
 ]
+# the slowest float32 cases under the interpreter; the kept ones still cover windows 4/7,
+# shift 0 and > 0, H != W, head dims 20/30/80 in float32
+INTERP_FP16_ONLY = [(2, 12, 4, 4, 0, 8, 40), (2, 8, 8, 8, 4, 3, 32), (1, 8, 24, 8, 0, 1, 20)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -55,6 +58,9 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_and_gradients_match_float64(backend, dtype, shape):
     B, H, W, ws, shift, nh, hd = shape
+    if backend == "triton" and not ON_GPU and dtype == torch.float32 and shape in INTERP_FP16_ONLY:
+        pytest.skip("Triton interpreter: float16 covers this shape here (20-55 s a case in "
+                    "float32 on a 2-core CPU); every shape runs in float32 on a GPU")
     qkv, table = make(B, H, W, ws, nh, hd, dtype, grad=True)
     out = window_attention(qkv, table, window_size=ws, shift_size=shift, num_heads=nh)
     assert out.shape == (B, H, W, nh * hd) and out.dtype == dtype

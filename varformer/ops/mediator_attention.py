@@ -125,8 +125,18 @@ CPU_INLINE_FLOPS = 1e9       # below this, one flash call on torch's threads (un
                              # measured 1.5-3x slower than it at B1 N4096 L256 d160 and smaller)
 
 
-def _cpu_workers() -> int:
-    return max(1, torch.get_num_threads())
+def _cpu_workers(backward: bool = False) -> int:
+    """Threads for a call: torch's count; for the backward fewer on a busy machine (the CPUs
+    other processes' runnable threads leave free, at least 1: ``_ext.load_aware_threads``, the
+    rule of the C++ kernels). Under ``--load 2`` on 2 cores the flash backward's parallel
+    regions wait on descheduled threads: N = 4096 fwd+bwd measured 0.49x eager (median 1.4 s,
+    p80 4.3 s), 1.26x with this rule. The forward keeps its threads: single-threaded it fell
+    from 2.3x to 0.87x eager there."""
+    n = max(1, torch.get_num_threads())
+    if not backward:
+        return n
+    from . import _ext
+    return max(1, _ext.load_aware_threads(n))
 
 
 def _run_units(n_units: int, fn, workers: int) -> None:
@@ -182,12 +192,10 @@ def _single_threaded():
     return _num_threads(1)
 
 
-def _cpu_context(G: int, N: int, L: int, Nk: int, d: int, workers: int,
-                 backward: bool = False):
+def _cpu_context(G: int, N: int, L: int, Nk: int, d: int, workers: int):
     """Single-threaded caller for the unit path; no thread-count change at all where both
-    attentions are under CPU_INLINE_FLOPS and run as one flash call on torch's threads (in the
-    backward only with at least as many heads as workers, see ``_cpu_attention_bwd``)."""
-    if 4.0 * G * max(N, Nk) * L * d < CPU_INLINE_FLOPS and not (backward and G < workers):
+    attentions are under CPU_INLINE_FLOPS (each one flash call on torch's threads)."""
+    if 4.0 * G * max(N, Nk) * L * d < CPU_INLINE_FLOPS:
         return contextlib.nullcontext()
     return _single_threaded()
 
@@ -197,11 +205,11 @@ def _ranges(n: int, parts: int) -> list:
     return [((n * i) // parts, (n * (i + 1)) // parts) for i in range(parts)]
 
 
-def _cpu_plan(G: int, Tq: int, Tk: int, workers: int, target: Optional[int] = None):
+def _cpu_plan(G: int, Tq: int, Tk: int, workers: int):
     """Units of one attention q [G,Tq,d] over k/v [G,Tk,d]: (head ranges, query ranges, key
-    ranges), at least ``target`` (default max(8, 2·workers)) units where the sizes allow. The
-    longer of Tq and Tk is split (key chunks give partial results that the caller merges)."""
-    target = max(8, 2 * workers) if target is None else max(1, target)
+    ranges), at least max(8, 2·workers) units where the sizes allow. The longer of Tq and Tk
+    is split (key chunks give partial results that the caller merges)."""
+    target = max(8, 2 * workers)
     if G >= target:
         return _ranges(G, target), [(0, Tq)], [(0, Tk)]
     per_head = -(-target // G)
@@ -266,16 +274,13 @@ def _cpu_attention_bwd(do, q, k, v, out, lse, scale, workers):
     flash kernel recomputes the probabilities). Shapes as ``_cpu_attention_fwd``; contiguous."""
     G, Tq, d = q.shape
     Tk = k.shape[1]
-    small = 4.0 * G * Tq * Tk * d < CPU_INLINE_FLOPS
-    # The flash backward runs one thread per (batch, head): with fewer heads than workers a
-    # small attention is still cut, into one unit per worker (fewer partials to merge).
-    if small and G >= workers:
+    if 4.0 * G * Tq * Tk * d < CPU_INLINE_FLOPS:
         with _num_threads(workers):
             gq, gk, gv = _SDPA_BWD(do.unsqueeze(0), q.unsqueeze(0), k.unsqueeze(0),
                                    v.unsqueeze(0), out.unsqueeze(0), lse.unsqueeze(0), 0.0,
                                    False, scale=scale)
         return gq[0], gk[0], gv[0]
-    heads, qr, kr = _cpu_plan(G, Tq, Tk, workers, workers if small else None)
+    heads, qr, kr = _cpu_plan(G, Tq, Tk, workers)
     units = [(g, a, c) for g in heads for a in range(len(qr)) for c in range(len(kr))]
     ct = _compute_dtype(q.dtype)
     # a gradient summed over the other side's blocks gets one partial per block (fixed order)
@@ -318,8 +323,8 @@ def _fwd_cpu(q, m, k, v, scale):
 
 def _bwd_cpu(g_out, g_s, q, m, k, v, out, s, lse_s, lse_o, scale):
     G, d = q.shape[0] * q.shape[1], q.shape[-1]
-    workers = _cpu_workers()
-    with _cpu_context(G, q.shape[2], m.shape[2], k.shape[2], d, workers, backward=True):
+    workers = _cpu_workers(backward=True)
+    with _cpu_context(G, q.shape[2], m.shape[2], k.shape[2], d, workers):
         q3, m3, k3, v3, o3, s3, g3 = (_heads_flat(t) for t in (q, m, k, v, out, s, g_out))
         dq, dm2, ds = _cpu_attention_bwd(g3, q3, m3, s3, o3, lse_o.reshape(G, -1).contiguous(),
                                          scale, workers)
