@@ -130,8 +130,8 @@ def _cpu_workers(backward: bool = False) -> int:
     other processes' runnable threads leave free, at least 1: ``_ext.load_aware_threads``, the
     rule of the C++ kernels). Under ``--load 2`` on 2 cores the flash backward's parallel
     regions wait on descheduled threads: N = 4096 fwd+bwd measured 0.49x eager (median 1.4 s,
-    p80 4.3 s), 1.26x with this rule. The forward keeps its threads: single-threaded it fell
-    from 2.3x to 0.87x eager there."""
+    p80 4.3 s) before this rule, 0.91x and 1.26x in two runs with it. The forward keeps its
+    threads: single-threaded it fell from 2.3x to 0.87x eager there."""
     n = max(1, torch.get_num_threads())
     if not backward:
         return n
