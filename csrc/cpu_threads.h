@@ -5,7 +5,11 @@
 // assumed among the runnable), at least 1. On an oversubscribed machine a parallel region waits
 // for descheduled team threads while the others spin, which costs far more than the work it
 // shares. VARFORMER_LOAD_AWARE=0 turns this off; Linux only (elsewhere it returns `want`).
+//
+// run_blocks(nblocks, threads, make, body): the parallel loop those kernels share.
 #pragma once
+
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
@@ -50,6 +54,24 @@ inline int64_t load_aware_threads(int64_t want) {
 #else
   return want;
 #endif
+}
+
+// Runs body(block, scratch) for blocks [0, nblocks) on up to `threads` threads of torch's pool
+// in one parallel region; blocks are handed out by an atomic counter (a descheduled thread
+// delays only the block it holds), scratch is made once per thread.
+template <typename S, typename Make, typename F>
+void run_blocks(int64_t nblocks, int64_t threads, const Make& make, const F& body) {
+  threads = std::min<int64_t>(threads, nblocks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    S sc = make();
+    for (int64_t k = 0; k < nblocks; ++k) body(k, sc);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    S sc = make();
+    for (int64_t k = next.fetch_add(1); k < nblocks; k = next.fetch_add(1)) body(k, sc);
+  });
 }
 
 }  // namespace varformer_cpu

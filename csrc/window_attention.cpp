@@ -31,6 +31,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "cpu_math.h"
 #include "cpu_threads.h"
 
 #include <sched.h>
@@ -50,63 +51,8 @@
 namespace varformer_window {
 namespace {
 
-#define VF_INLINE inline __attribute__((always_inline))
-
 constexpr int64_t kPad = 8;     // tokens and head dims are padded to multiples of this
 inline int64_t pad8(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
-
-// ------------------------------------------------------------------------------ exp
-// exp(x) for softmax arguments x <= 0 (x above 88 is clamped there): exactly 0 below -80,
-// because results below ~1e-35 are far under the resolution of any row sum (>= 1) and,
-// multiplied into the products that follow, would produce denormals (microcode assists,
-// ~25x slower on x86); else 2^k * p(r) with r = x - k ln2 and a degree-6 polynomial (max rel.
-// error ~1e-7), written so that the compiler vectorises it.
-VF_INLINE float exp_clamped(float x) {
-  const bool tiny = x < -80.0f;
-  x = tiny ? -80.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float t = x * 1.44269504f + 12582912.0f;   // round(x / ln2) in the low mantissa bits
-  const float k = t - 12582912.0f;
-  const float r = x - k * 0.693145752f - k * 1.42860677e-6f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t tb;
-  std::memcpy(&tb, &t, 4);
-  const int32_t bits = (tb - 0x4B400000 + 127) << 23;
-  float sc;
-  std::memcpy(&sc, &bits, 4);
-  return tiny ? 0.0f : p * sc;
-}
-
-VF_INLINE double exp_clamped(double x) { return x < -700.0 ? 0.0 : std::exp(x); }
-
-// Natural log of a normal positive float (softmax row sums, >= 1): x = 2^e m with m in
-// [sqrt(1/2), sqrt(2)), log m from the series of atanh (max rel. error ~1e-7), vectorisable.
-VF_INLINE float log_positive(float x) {
-  int32_t bits;
-  std::memcpy(&bits, &x, 4);
-  int32_t e = ((bits >> 23) & 0xff) - 127;
-  int32_t mb = (bits & 0x007fffff) | 0x3f800000;    // m in [1, 2)
-  float m;
-  std::memcpy(&m, &mb, 4);
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
-  const float z = (m - 1.0f) / (m + 1.0f), z2 = z * z;   // |z| <= 0.1716
-  float p = 0.11111111f;
-  p = p * z2 + 0.14285714f;
-  p = p * z2 + 0.2f;
-  p = p * z2 + 0.33333333f;
-  p = p * z2 + 1.0f;
-  return 2.0f * z * p + static_cast<float>(e) * 0.693147181f;
-}
-
-VF_INLINE double log_positive(double x) { return std::log(x); }
 
 // ------------------------------------------------------------------------------ micro-kernel
 // C[m, n] = alpha * sum_k A(m, k) B[k, n] for an MB x NB tile; A(m, k) = A[m*sam + k*sak].
@@ -324,7 +270,7 @@ VF_INLINE void softmax_rows(const Geometry& g, T* __restrict s, const T* __restr
     }
     // one exp loop for both cases (written twice, GCC left the forward's copy scalar)
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) row[j] = exp_clamped(row[j] - l);
+    for (int64_t j = 0; j < N; ++j) row[j] = varformer_cpu::exp_clamped(row[j] - l);
   }
 }
 
@@ -362,7 +308,7 @@ VF_INLINE void forward_item(const FwdArgs<T>& a, int64_t item, Scratch<T>& sc) {
   for (int64_t i = 0; i < N; ++i) {
     const T l = ob[i * HDV + hd];
     inv[i] = T(1) / l;
-    lse_row[i] += log_positive(l);
+    lse_row[i] += varformer_cpu::log_positive(l);
   }
   const int64_t HW = g.H * g.W;
   T* __restrict out = a.out + h * hd;
@@ -464,24 +410,6 @@ int64_t call_threads(int64_t macs) {
   return varformer_cpu::load_aware_threads(want);
 }
 
-// Runs body(block, scratch) for blocks [0, nblocks) on up to `threads` threads of torch's pool
-// in one parallel region; blocks are handed out by an atomic counter (a descheduled thread
-// delays only the block it holds), scratch is made once per thread.
-template <typename S, typename Make, typename F>
-void run_blocks(int64_t nblocks, int64_t threads, const Make& make, const F& body) {
-  threads = std::min<int64_t>(threads, nblocks);
-  if (threads <= 1 || at::in_parallel_region()) {
-    S sc = make();
-    for (int64_t k = 0; k < nblocks; ++k) body(k, sc);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    S sc = make();
-    for (int64_t k = next.fetch_add(1); k < nblocks; k = next.fetch_add(1)) body(k, sc);
-  });
-}
-
 // Items [i0, i1) of one block; instantiated per ISA below (the hot loops must be compiled
 // inside the target-attributed functions, not in the generic driver's lambda).
 template <typename T, int MB>
@@ -580,7 +508,7 @@ void forward_all(const FwdArgs<T>& a) {
   const int64_t threads = call_threads(2 * items * a.g.N * a.g.N * a.g.hd);
   const int64_t per = std::max<int64_t>(1, items / (8 * threads));   // ~8 blocks per thread
   const int64_t nblocks = (items + per - 1) / per;
-  run_blocks<Scratch<T>>(
+  varformer_cpu::run_blocks<Scratch<T>>(
       nblocks, threads, [&] { return Scratch<T>(a.g, false); },
       [&](int64_t k, Scratch<T>& sc) { fn(a, k * per, std::min(items, (k + 1) * per), sc); });
 }
@@ -590,7 +518,7 @@ void backward_all(const BwdArgs<T>& a, int64_t chunks) {
   auto* fn = isa() == Isa::kAvx512 ? &backward_avx512<T>
              : isa() == Isa::kAvx2 ? &backward_avx2<T> : &backward_base<T>;
   const int64_t items = a.g.items;
-  run_blocks<Scratch<T>>(
+  varformer_cpu::run_blocks<Scratch<T>>(
       chunks, call_threads(5 * items * a.g.N * a.g.N * a.g.hd),
       [&] { return Scratch<T>(a.g, true); },
       [&](int64_t k, Scratch<T>& sc) {

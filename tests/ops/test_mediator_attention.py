@@ -152,7 +152,9 @@ _mam = importlib.import_module("varformer.ops.mediator_attention")
 
 @pytest.fixture
 def cpu_units(monkeypatch):
-    """Worker threads for every call; query blocks of >= 4 rows, key chunks of >= 8 keys."""
+    """Worker threads for every call; query blocks of >= 4 rows, key chunks of >= 8 keys; the
+    flash path even where the C++ kernel would run (tests/ops/test_attention_csrc.py tests it)."""
+    monkeypatch.setitem(_mam.CPU_KERNEL, "value", "flash")
     monkeypatch.setattr(_mam, "CPU_INLINE_FLOPS", 0)
     monkeypatch.setattr(_mam, "CPU_UNIT_ROWS", 4)
     monkeypatch.setattr(_mam, "CPU_UNIT_KEYS", 8)

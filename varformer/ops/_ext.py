@@ -44,10 +44,12 @@ CPU_SOURCES = (
     "vq_lookup_avx2.cpp",               # VQ lookup inner kernel, avx2 + fma
     "vq_lookup_baseline.cpp",           # VQ lookup inner kernel, portable 16-byte vectors
     "window_attention.cpp",             # Swin window attention fwd/bwd (own schema fragment)
+    "attention_cpu.cpp",                # softmax(q kᵀ s) v fwd/bwd (mediator attention stages)
     "fma_peak.cpp",                     # measured FP32 FMA peak (benchmark harness's ceiling)
 )
 CUDA_SOURCES = ("vq_lookup_cuda.cu",)
 HEADERS = (                             # included by the sources; part of the build name's hash
+    "cpu_math.h",
     "cpu_threads.h",
     "vq_lookup_checks.h",
     "vq_lookup_isa.h",
@@ -303,6 +305,8 @@ def cpu_backend_info() -> dict:
     parts = [f"VQ lookup inner kernel {chosen}", f"variants {others}", f"built with {flags}"]
     if _has_kernel("CPU", f"{NAMESPACE}::window_attention_fwd"):
         parts.append("window attention kernel " + torch.ops.varformer_ext.window_attention_isa())
+    if _has_kernel("CPU", f"{NAMESPACE}::attention_fwd"):
+        parts.append("mediator attention kernel " + torch.ops.varformer_ext.attention_isa())
     if "-fopenmp" not in flags.split() and not flags.startswith("("):
         parts.append("WITHOUT OpenMP: the C++ lookup runs on one thread")
     if state.get("cpu_fallback"):

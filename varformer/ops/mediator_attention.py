@@ -8,9 +8,13 @@ Implementations behind ``torch.ops.varformer.mediator_attention`` (chosen by ``_
 
 * ``triton`` — ``varformer.kernels.mediator_attention``: two flash-style stages, split-KV for
   stage 1, recomputing backward; no N×L / L×N map in forward or backward.
-* ``cpu`` — PyTorch's flash CPU kernels (forward and backward, no N×L maps), each stage cut into
-  units (query blocks; key chunks merged by log-sum-exp) that single-threaded worker threads
-  pull dynamically, so a busy machine slows it no more than it slows eager PyTorch.
+* ``cpu`` — float32/float64 on CPUs whose widest ISA is AVX2: the C++ kernel of
+  ``csrc/attention_cpu.cpp`` (``torch.ops.varformer_ext.attention_fwd/_bwd``, one call per
+  stage: tiles of query blocks x key chunks with the scores in cache, an AVX2+FMA register-tiled
+  GEMM, load-aware threads, deterministic partial sums). Otherwise (AVX-512 CPUs, where MKL's
+  AVX-512 GEMMs were measured and this kernel was not; float16/bfloat16; no C++ build): PyTorch's
+  flash CPU kernels (no N×L maps), each stage cut into units (query blocks; key chunks merged by
+  log-sum-exp) that single-threaded worker threads pull dynamically. ``CPU_KERNEL`` forces one.
 * ``reference`` — plain matmul/softmax in fp32 (fp64 for fp64 inputs) with an explicit backward.
 
 The registered op returns ``(out, summary, lse_summary, lse_out)``: the summary ``S = softmax(M
@@ -305,11 +309,90 @@ def _cpu_attention_bwd(do, q, k, v, out, lse, scale, workers):
     return dq, dk, dv
 
 
+# "auto": the C++ kernel where it is built, the CPU's widest ISA is AVX2 and the dtype float32
+# or float64; "csrc": the C++ kernel for float32/float64 (an error if it is unavailable);
+# "flash": PyTorch's flash kernels in units. Process-wide; for tests and benchmarks.
+CPU_KERNEL = {"value": "auto"}
+_EXT_FWD = "varformer_ext::attention_fwd"
+_FAKES: list = []
+
+
+def _register_ext_fakes() -> None:
+    """Fake (meta) kernels of the C++ ops, so that they trace and pass opcheck on their own."""
+    if _FAKES:
+        return
+
+    @torch.library.register_fake(_EXT_FWD)
+    def _(q, k, v, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:2])
+
+    @torch.library.register_fake("varformer_ext::attention_bwd")
+    def _(grad_out, q, k, v, out, lse, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    _FAKES.append(True)
+
+
+def cpu_kernel_status() -> tuple[bool, str]:
+    """(usable, reason if not) of the C++ CPU kernel; builds the extension on first call."""
+    from . import _ext
+    ok, why = _ext.cpu_status()
+    if ok and not _ext._has_kernel("CPU", _EXT_FWD):
+        return False, "the loaded C++ library has no attention kernel"
+    if ok:
+        _register_ext_fakes()
+    return ok, why
+
+
+def _use_csrc(dtype: torch.dtype) -> bool:
+    mode = CPU_KERNEL["value"]
+    if mode not in ("auto", "csrc", "flash"):
+        raise ValueError(f"{OP}: CPU_KERNEL must be auto, csrc or flash, got {mode!r}")
+    if mode == "flash" or dtype not in (torch.float32, torch.float64):
+        return False
+    ok, why = cpu_kernel_status()
+    if mode == "csrc":
+        if not ok:
+            raise RuntimeError(f"{OP}: CPU_KERNEL='csrc' but the C++ kernel is unavailable: {why}")
+        return True
+    if not ok:
+        return False
+    from . import _ext
+    try:
+        widest = _ext.cpu_isa("auto")
+    except RuntimeError:
+        return False
+    return widest == "avx2" and torch.ops.varformer_ext.attention_isa() == "avx2"
+
+
 def _heads_flat(t: Tensor) -> Tensor:
     return t.contiguous().view(-1, t.shape[-2], t.shape[-1])
 
 
+def _fwd_csrc(q, m, k, v, scale):
+    B, H, N, d = q.shape
+    L = m.shape[2]
+    q3, m3, k3, v3 = (_heads_flat(t) for t in (q, m, k, v))
+    fwd = torch.ops.varformer_ext.attention_fwd
+    s, lse_s = fwd(m3, k3, v3, float(scale))
+    out, lse_o = fwd(q3, m3, s, float(scale))
+    return (out.view(B, H, N, d), s.view(B, H, L, d), lse_s.view(B, H, L),
+            lse_o.view(B, H, N))
+
+
+def _bwd_csrc(g_out, g_s, q, m, k, v, out, s, lse_s, lse_o, scale):
+    G, d = q.shape[0] * q.shape[1], q.shape[-1]
+    q3, m3, k3, v3, o3, s3, g3 = (_heads_flat(t) for t in (q, m, k, v, out, s, g_out))
+    bwd = torch.ops.varformer_ext.attention_bwd
+    dq, dm2, ds = bwd(g3, q3, m3, s3, o3, lse_o.reshape(G, -1).contiguous(), float(scale))
+    if g_s is not None:
+        ds = ds + _heads_flat(g_s)
+    dm1, dk, dv = bwd(ds, m3, k3, v3, s3, lse_s.reshape(G, -1).contiguous(), float(scale))
+    return dq.view(q.shape), (dm1 + dm2).view(m.shape), dk.view(k.shape), dv.view(v.shape)
+
+
 def _fwd_cpu(q, m, k, v, scale):
+    if _use_csrc(q.dtype):
+        return _fwd_csrc(q, m, k, v, scale)
     B, H, N, d = q.shape
     L = m.shape[2]
     workers = _cpu_workers()
@@ -322,6 +405,8 @@ def _fwd_cpu(q, m, k, v, scale):
 
 
 def _bwd_cpu(g_out, g_s, q, m, k, v, out, s, lse_s, lse_o, scale):
+    if _use_csrc(q.dtype):
+        return _bwd_csrc(g_out, g_s, q, m, k, v, out, s, lse_s, lse_o, scale)
     G, d = q.shape[0] * q.shape[1], q.shape[-1]
     workers = _cpu_workers(backward=True)
     with _cpu_context(G, q.shape[2], m.shape[2], k.shape[2], d, workers):

@@ -1,0 +1,578 @@
+// softmax(q kᵀ s) v on CPU, forward and backward: the two stages of mediator attention
+// (varformer/ops/mediator_attention.py runs stage 1, the L mediators over the keys, and stage 2,
+// the queries over the mediators and their summary, through these ops).
+//
+//   attention_fwd(q [G, Tq, d], k [G, Tk, d], v [G, Tk, d], scale) -> out [G, Tq, d], lse [G, Tq]
+//   attention_bwd(dout, q, k, v, out, lse, scale) -> dq, dk, dv     (float32 or float64)
+//
+// Work is cut into tiles: (head g, query block of <= kQB rows, key chunk of <= kKC keys). A
+// tile's score block stays in a per-thread buffer (L2) and every product runs through one
+// packed-panel GEMM: panels of 6 rows (A) and 16 columns (B), K in blocks of 256, with a 6x16
+// AVX2+FMA register tile for float32 where the CPU has it (12 accumulators, 2 loads and 6
+// broadcasts per k) and a portable tile otherwise (float64, other CPUs).
+//
+// Forward: one tile per unit, exact softmax over its key chunk; with several chunks each writes a
+// partial output and log-sum-exp, merged in chunk order. Backward: recomputes P = exp(s - lse);
+// units own either fixed groups of query blocks (dq exact, dk/dv one partial per group) or of
+// key chunks (dk/dv exact, dq one partial per group), whichever side has more blocks; partials
+// are summed in group order, so results do not depend on the thread count.
+//
+// Threads: torch's pool, one parallel region per pass, units from an atomic counter, and on a
+// busy machine at most the CPUs other processes leave free (cpu_threads.h). Workers run with
+// denormals flushed (FTZ/DAZ); exp is exactly 0 below -80 (cpu_math.h).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "cpu_math.h"
+#include "cpu_threads.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace varformer_attention {
+namespace {
+
+constexpr int64_t kMR = 6;      // rows of a register tile (A panel height)
+constexpr int64_t kNR = 16;     // columns of a register tile (B panel width)
+constexpr int64_t kKB = 256;    // K block of one packing pass
+constexpr int64_t kQB = 96;     // query rows of a tile
+constexpr int64_t kKC = 256;    // keys of a tile
+constexpr int64_t kGroups = 8;  // backward units over all heads (fixed: not the thread count)
+
+#if defined(__x86_64__) || defined(__i386__)
+#define VF_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define VF_AVX2
+#endif
+
+// Element (r, c) of a strided matrix view: p[r * rs + c * cs].
+template <typename T>
+struct View {
+  const T* p;
+  int64_t rs, cs;
+};
+
+// Row stride of a tile's score buffers: off powers of two, so that reading a column block of the
+// buffer (the transposed products pᵀ dO, dsᵀ q) does not map every row to the same cache sets.
+inline int64_t score_ld(int64_t keys) { return (keys + 15) / 16 * 16 + 16; }
+
+template <typename T>
+struct Scratch {
+  std::vector<T> s, dp;      // scores / probabilities, and dp / ds, [kQB][score_ld]
+  std::vector<T> kt, vt;     // the unit's key chunk transposed: [d][keys] each
+  std::vector<T> edge;       // one B panel, contiguous: [K][kNR]
+  std::vector<T> row0, row1; // per-row values (delta, 1 / row sum)
+  Scratch() : s(kQB * score_ld(kKC)), dp(kQB * score_ld(kKC)), row0(kQB), row1(kQB) {}
+};
+
+// ------------------------------------------------------------------------------ GEMM
+// acc[kMR][kNR] = sum_k A(i, k) B(k, j) with A(i, k) = a[i][k * acs] (row pointers a[i]) and
+// B(k, j) = b[k * ldb + j]: read in place, no packing (portable; the compiler vectorises j).
+template <typename T>
+VF_INLINE void tile_generic(int64_t K, const T* const* a, int64_t acs, const T* __restrict b,
+                            int64_t ldb, T* __restrict acc) {
+  T c[kMR][kNR];
+  for (int64_t i = 0; i < kMR; ++i)
+#pragma omp simd
+    for (int64_t j = 0; j < kNR; ++j) c[i][j] = T(0);
+  for (int64_t k = 0; k < K; ++k) {
+#pragma GCC unroll 6
+    for (int64_t i = 0; i < kMR; ++i) {
+      const T ai = a[i][k * acs];
+#pragma omp simd
+      for (int64_t j = 0; j < kNR; ++j) c[i][j] += ai * b[k * ldb + j];
+    }
+  }
+  for (int64_t i = 0; i < kMR; ++i)
+#pragma omp simd
+    for (int64_t j = 0; j < kNR; ++j) acc[i * kNR + j] = c[i][j];
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// The same for float32 with AVX2+FMA: 6 x 2 ymm accumulators, per k two loads of B and six
+// broadcasts of A. Not inlined: GCC cannot inline a target-specific function into the generic
+// GEMM template.
+VF_AVX2 __attribute__((noinline)) void tile_avx2(int64_t K, const float* const* a, int64_t acs,
+                                                 const float* __restrict b, int64_t ldb,
+                                                 float* __restrict acc) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
+         c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
+         c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
+         c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+  for (int64_t k = 0; k < K; ++k, b += ldb) {
+    const int64_t o = k * acs;
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 x = _mm256_broadcast_ss(a0 + o);
+    c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
+    x = _mm256_broadcast_ss(a1 + o);
+    c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
+    x = _mm256_broadcast_ss(a2 + o);
+    c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
+    x = _mm256_broadcast_ss(a3 + o);
+    c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
+    x = _mm256_broadcast_ss(a4 + o);
+    c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
+    x = _mm256_broadcast_ss(a5 + o);
+    c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+  }
+  _mm256_storeu_ps(acc, c00); _mm256_storeu_ps(acc + 8, c01);
+  _mm256_storeu_ps(acc + 16, c10); _mm256_storeu_ps(acc + 24, c11);
+  _mm256_storeu_ps(acc + 32, c20); _mm256_storeu_ps(acc + 40, c21);
+  _mm256_storeu_ps(acc + 48, c30); _mm256_storeu_ps(acc + 56, c31);
+  _mm256_storeu_ps(acc + 64, c40); _mm256_storeu_ps(acc + 72, c41);
+  _mm256_storeu_ps(acc + 80, c50); _mm256_storeu_ps(acc + 88, c51);
+}
+#endif
+
+// C [M, N] (row stride ldc) = alpha A B + beta C; A [M, K] a strided view, B [K, N] row-major
+// (row stride ldb); beta 0 never reads C. Each kNR-column panel of B is first copied into a
+// contiguous [K][kNR] buffer (zero-padded at the edge; L1-resident, no cache-set conflicts
+// whatever ldb is), then runs against all kMR-row tiles of A; the last tile re-reads A's last
+// row (results dropped). kAvx2 selects the float32 AVX2 tile.
+template <typename T, bool kAvx2>
+VF_INLINE void gemm(int64_t M, int64_t N, int64_t K, T alpha, const View<T>& A, const T* B,
+                    int64_t ldb, T beta, T* C, int64_t ldc, Scratch<T>& sc) {
+  alignas(64) T acc[kMR * kNR];
+  const T* rows[kMR];
+  if (sc.edge.size() < static_cast<size_t>(K * kNR + 64)) sc.edge.resize(K * kNR + 64);
+  // 64-byte aligned: each row of the panel is whole cache lines (no split loads)
+  T* __restrict bp = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(sc.edge.data()) + 63) &
+                                          ~uintptr_t(63));
+  for (int64_t n0 = 0; n0 < N; n0 += kNR) {
+    const int64_t nr = std::min(kNR, N - n0);
+    if (nr == kNR) {
+      for (int64_t k = 0; k < K; ++k) {
+        const T* __restrict src = B + k * ldb + n0;
+#pragma omp simd
+        for (int64_t j = 0; j < kNR; ++j) bp[k * kNR + j] = src[j];
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < kNR; ++j) bp[k * kNR + j] = j < nr ? B[k * ldb + n0 + j] : T(0);
+    }
+    const int64_t bs = kNR;
+    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+      const int64_t mr = std::min(kMR, M - m0);
+      for (int64_t i = 0; i < kMR; ++i) rows[i] = A.p + std::min(m0 + i, M - 1) * A.rs;
+#if defined(__x86_64__) || defined(__i386__)
+      if constexpr (kAvx2 && std::is_same<T, float>::value) tile_avx2(K, rows, A.cs, bp, bs, acc);
+      else tile_generic(K, rows, A.cs, bp, bs, acc);
+#else
+      tile_generic(K, rows, A.cs, bp, bs, acc);
+#endif
+      for (int64_t i = 0; i < mr; ++i) {
+        T* __restrict c = C + (m0 + i) * ldc + n0;
+        const T* __restrict x = acc + i * kNR;
+        if (beta == T(0)) {
+#pragma omp simd
+          for (int64_t j = 0; j < nr; ++j) c[j] = alpha * x[j];
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < nr; ++j) c[j] = alpha * x[j] + beta * c[j];
+        }
+      }
+    }
+  }
+}
+
+// dst [d][keys] = src [keys][d]ᵀ (row stride d), in 8 x 8 blocks.
+template <typename T>
+VF_INLINE void transpose(const T* __restrict src, int64_t keys, int64_t d, T* __restrict dst) {
+  for (int64_t j0 = 0; j0 < keys; j0 += 8)
+    for (int64_t c0 = 0; c0 < d; c0 += 8) {
+      const int64_t j1 = std::min(keys, j0 + 8), c1 = std::min(d, c0 + 8);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t c = c0; c < c1; ++c) dst[c * keys + j] = src[j * d + c];
+    }
+}
+
+// ------------------------------------------------------------------------------ tiles
+template <typename T>
+struct Args {
+  int64_t G, Tq, Tk, d, nqb, nkc;
+  T scale;
+  const T *q, *k, *v, *dout, *out, *lse;
+};
+
+// The key chunk kc of head g: its first row and key count; with `vt`, also vᵀ in the scratch.
+template <typename T>
+VF_INLINE int64_t load_chunk(const Args<T>& a, int64_t g, int64_t kc, bool vt, Scratch<T>& sc) {
+  const int64_t keys = std::min(kKC, a.Tk - kc * kKC), off = (g * a.Tk + kc * kKC) * a.d;
+  const size_t n = static_cast<size_t>(a.d * kKC);
+  if (sc.kt.size() < n) sc.kt.resize(n);
+  transpose(a.k + off, keys, a.d, sc.kt.data());
+  if (vt) {
+    if (sc.vt.size() < n) sc.vt.resize(n);
+    transpose(a.v + off, keys, a.d, sc.vt.data());
+  }
+  return keys;
+}
+
+// Forward tile (g, query block qb, the loaded chunk kc of `keys` keys): o [rows, d] (row
+// stride d) and l [rows] get the chunk's normalised output and log-sum-exp.
+template <typename T, bool kAvx2>
+VF_INLINE void forward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc, int64_t keys,
+                            T* o, T* l, Scratch<T>& sc) {
+  const int64_t d = a.d, r0 = qb * kQB, rows = std::min(kQB, a.Tq - r0), ls = score_ld(keys);
+  const T* q = a.q + (g * a.Tq + r0) * d;
+  const T* v = a.v + (g * a.Tk + kc * kKC) * d;
+  T* __restrict s = sc.s.data();
+  gemm<T, kAvx2>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.kt.data(), keys, T(0), s, ls,
+                 sc);
+  T* __restrict inv = sc.row1.data();
+  for (int64_t i = 0; i < rows; ++i) {
+    T* __restrict row = s + i * ls;
+    T mx = row[0];
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < keys; ++j) mx = row[j] > mx ? row[j] : mx;
+    T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < keys; ++j) {
+      row[j] = varformer_cpu::exp_clamped(row[j] - mx);
+      sum += row[j];
+    }
+    inv[i] = T(1) / sum;
+    l[i] = mx + varformer_cpu::log_positive(sum);
+  }
+  gemm<T, kAvx2>(rows, d, keys, T(1), View<T>{s, ls, 1}, v, d, T(0), o, d, sc);
+  for (int64_t i = 0; i < rows; ++i) {
+    T* __restrict r = o + i * d;
+    const T x = inv[i];
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) r[c] *= x;
+  }
+}
+
+// Backward tile (g, qb, the loaded chunk kc): dq rows (+)= scale ds k, the chunk's dk/dv rows
+// (+)= scale dsᵀ q / pᵀ dO, accumulating where acc_q / acc_kv (else overwriting). Row strides d.
+template <typename T, bool kAvx2>
+VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc, int64_t keys,
+                             T* dq, T* dk, T* dv, bool acc_q, bool acc_kv, Scratch<T>& sc) {
+  const int64_t d = a.d, r0 = qb * kQB, rows = std::min(kQB, a.Tq - r0), ls = score_ld(keys);
+  const T* q = a.q + (g * a.Tq + r0) * d;
+  const T* k = a.k + (g * a.Tk + kc * kKC) * d;
+  const T* dO = a.dout + (g * a.Tq + r0) * d;
+  const T* o = a.out + (g * a.Tq + r0) * d;
+  const T* lse = a.lse + g * a.Tq + r0;
+  T* __restrict delta = sc.row0.data();
+  for (int64_t i = 0; i < rows; ++i) {
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t c = 0; c < d; ++c) acc += dO[i * d + c] * o[i * d + c];
+    delta[i] = acc;
+  }
+  // p = exp(scale q kᵀ - lse)
+  T* __restrict p = sc.s.data();
+  gemm<T, kAvx2>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.kt.data(), keys, T(0), p, ls,
+                 sc);
+  for (int64_t i = 0; i < rows; ++i) {
+    T* __restrict row = p + i * ls;
+    const T li = lse[i];
+#pragma omp simd
+    for (int64_t j = 0; j < keys; ++j) row[j] = varformer_cpu::exp_clamped(row[j] - li);
+  }
+  // dv = pᵀ dO
+  gemm<T, kAvx2>(keys, d, rows, T(1), View<T>{p, 1, ls}, dO, d, acc_kv ? T(1) : T(0), dv, d,
+                 sc);
+  // ds = p (dO vᵀ - delta)
+  T* __restrict ds = sc.dp.data();
+  gemm<T, kAvx2>(rows, keys, d, T(1), View<T>{dO, d, 1}, sc.vt.data(), keys, T(0), ds, ls,
+                 sc);
+  for (int64_t i = 0; i < rows; ++i) {
+    T* __restrict r = ds + i * ls;
+    const T* __restrict pr = p + i * ls;
+    const T di = delta[i];
+#pragma omp simd
+    for (int64_t j = 0; j < keys; ++j) r[j] = pr[j] * (r[j] - di);
+  }
+  gemm<T, kAvx2>(rows, d, keys, a.scale, View<T>{ds, ls, 1}, k, d, acc_q ? T(1) : T(0), dq, d,
+                 sc);
+  gemm<T, kAvx2>(keys, d, rows, a.scale, View<T>{ds, 1, ls}, q, d, acc_kv ? T(1) : T(0), dk, d,
+                 sc);
+}
+
+// ------------------------------------------------------------------------------ units
+// Forward unit u = (g, kc, query-block group; group fastest): loads the chunk once, then its
+// query blocks. Partials (several chunks): po [nkc][G][Tq][d], pl [nkc][G][Tq].
+template <typename T, bool kAvx2>
+VF_INLINE void forward_unit_impl(const Args<T>& a, int64_t u, int64_t groups, T* out, T* lse,
+                                 T* po, T* pl, Scratch<T>& sc) {
+  const int64_t grp = u % groups, kc = (u / groups) % a.nkc, g = u / (groups * a.nkc);
+  const int64_t keys = load_chunk(a, g, kc, false, sc);
+  for (int64_t qb = grp * a.nqb / groups; qb < (grp + 1) * a.nqb / groups; ++qb) {
+    const int64_t row = g * a.Tq + qb * kQB;
+    if (a.nkc == 1) {
+      forward_tile<T, kAvx2>(a, g, qb, kc, keys, out + row * a.d, lse + row, sc);
+    } else {
+      const int64_t off = kc * a.G * a.Tq + row;
+      forward_tile<T, kAvx2>(a, g, qb, kc, keys, po + off * a.d, pl + off, sc);
+    }
+  }
+}
+
+// Backward unit u = (g, group). by_q: the group's query blocks; dk/dv go to this group's
+// partial (pk/pv [groups][G][Tk][d]) or straight to dk/dv when groups == 1. Otherwise the
+// group's key chunks, dq to its partial pq [groups][G][Tq][d]. Chunks outer (each loaded once),
+// query blocks inner; dq accumulates over chunks, dk/dv over query blocks, in a fixed order.
+template <typename T, bool kAvx2>
+VF_INLINE void backward_unit_impl(const Args<T>& a, int64_t u, int64_t groups, bool by_q, T* dq,
+                                  T* dk, T* dv, T* part, Scratch<T>& sc) {
+  const int64_t g = u / groups, grp = u % groups, d = a.d;
+  int64_t b0 = 0, b1 = a.nqb, c0 = 0, c1 = a.nkc;
+  T *pq = dq, *pk = dk, *pv = dv;
+  if (by_q) {
+    b0 = grp * a.nqb / groups; b1 = (grp + 1) * a.nqb / groups;
+    if (groups > 1) {
+      pk = part + (grp * a.G) * a.Tk * d;
+      pv = part + ((groups + grp) * a.G) * a.Tk * d;
+    }
+  } else {
+    c0 = grp * a.nkc / groups; c1 = (grp + 1) * a.nkc / groups;
+    if (groups > 1) pq = part + (grp * a.G) * a.Tq * d;
+  }
+  for (int64_t kc = c0; kc < c1; ++kc) {
+    const int64_t keys = load_chunk(a, g, kc, true, sc), kr = (g * a.Tk + kc * kKC) * d;
+    for (int64_t qb = b0; qb < b1; ++qb)
+      backward_tile<T, kAvx2>(a, g, qb, kc, keys, pq + (g * a.Tq + qb * kQB) * d, pk + kr,
+                              pv + kr, kc > c0, qb > b0, sc);
+  }
+}
+
+template <typename T>
+VF_AVX2 void forward_unit_avx2(const Args<T>& a, int64_t u, int64_t groups, T* out, T* lse,
+                               T* po, T* pl, Scratch<T>& sc) {
+  forward_unit_impl<T, true>(a, u, groups, out, lse, po, pl, sc);
+}
+template <typename T>
+void forward_unit_base(const Args<T>& a, int64_t u, int64_t groups, T* out, T* lse, T* po,
+                       T* pl, Scratch<T>& sc) {
+  forward_unit_impl<T, false>(a, u, groups, out, lse, po, pl, sc);
+}
+template <typename T>
+VF_AVX2 void backward_unit_avx2(const Args<T>& a, int64_t u, int64_t groups, bool by_q, T* dq,
+                                T* dk, T* dv, T* part, Scratch<T>& sc) {
+  backward_unit_impl<T, true>(a, u, groups, by_q, dq, dk, dv, part, sc);
+}
+template <typename T>
+void backward_unit_base(const Args<T>& a, int64_t u, int64_t groups, bool by_q, T* dq, T* dk,
+                        T* dv, T* part, Scratch<T>& sc) {
+  backward_unit_impl<T, false>(a, u, groups, by_q, dq, dk, dv, part, sc);
+}
+
+// ------------------------------------------------------------------------------ ISA, threads
+bool detect_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* env = std::getenv("VARFORMER_CPU_ISA");
+  return has && !(env != nullptr && std::string(env) == "baseline");
+#else
+  return false;
+#endif
+}
+
+bool use_avx2() {
+  static const bool chosen = detect_avx2();
+  return chosen;
+}
+
+// Threads for `macs` multiply-adds over `units` units: none beyond one per 2^20 multiply-adds,
+// and on a busy machine at most the CPUs other processes leave free.
+int64_t call_threads(double macs, int64_t units) {
+  const int64_t by_work = std::max<int64_t>(1, static_cast<int64_t>(macs / double(1 << 20)));
+  const int64_t want = std::max<int64_t>(
+      1, std::min<int64_t>({int64_t(at::get_num_threads()), units, by_work}));
+  return varformer_cpu::load_aware_threads(want);
+}
+
+// Scratch with denormals flushed for the worker's lifetime (MXCSR is per thread; restored).
+template <typename T>
+struct FlushedScratch : Scratch<T> {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned int saved = _mm_getcsr();
+  FlushedScratch() { _mm_setcsr(saved | 0x8040); }
+  ~FlushedScratch() { _mm_setcsr(saved); }
+  FlushedScratch(FlushedScratch&& o) noexcept : Scratch<T>(std::move(o)), saved(o.saved) {}
+#endif
+};
+
+// ------------------------------------------------------------------------------ ops
+void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                  at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+              " differs from q's ", ref.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 3, op, ": q must be 3-D [G, Tq, d], got ", q.dim(), " dims");
+  TORCH_CHECK(k.dim() == 3, op, ": k must be 3-D [G, Tk, d], got ", k.dim(), " dims");
+  TORCH_CHECK(q.size(2) > 0 && k.size(1) > 0, op, ": head dim d and key count Tk must be >= 1");
+  check_tensor(op, "q", q, q, q.sizes());
+  check_tensor(op, "k", k, q, {q.size(0), k.size(1), q.size(2)});
+  check_tensor(op, "v", v, q, k.sizes());
+}
+
+template <typename T>
+Args<T> make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  Args<T> a{};
+  a.G = q.size(0); a.Tq = q.size(1); a.Tk = k.size(1); a.d = q.size(2);
+  a.nqb = (a.Tq + kQB - 1) / kQB; a.nkc = (a.Tk + kKC - 1) / kKC;
+  a.scale = static_cast<T>(scale);
+  a.q = q.data_ptr<T>(); a.k = k.data_ptr<T>(); a.v = v.data_ptr<T>();
+  return a;
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                  at::Tensor& out, at::Tensor& lse) {
+  const Args<T> a = make_args<T>(q, k, v, scale);
+  const double macs = 2.0 * a.G * a.Tq * a.Tk * a.d;
+  // query blocks per unit: as many as leave ~4 units per thread (each unit loads its chunk once)
+  const int64_t threads = call_threads(macs, a.G * a.nqb * a.nkc);
+  const int64_t groups =
+      std::min(a.nqb, std::max<int64_t>(1, (4 * threads + a.G * a.nkc - 1) / (a.G * a.nkc)));
+  const int64_t units = a.G * a.nkc * groups;
+  std::vector<T> po, pl;
+  if (a.nkc > 1) {
+    po.resize(a.nkc * a.G * a.Tq * a.d);
+    pl.resize(a.nkc * a.G * a.Tq);
+  }
+  T *o = out.data_ptr<T>(), *l = lse.data_ptr<T>(), *po_p = po.data(), *pl_p = pl.data();
+  auto* fn = use_avx2() ? &forward_unit_avx2<T> : &forward_unit_base<T>;
+  varformer_cpu::run_blocks<FlushedScratch<T>>(
+      units, threads, [] { return FlushedScratch<T>(); },
+      [&](int64_t u, Scratch<T>& sc) { fn(a, u, groups, o, l, po_p, pl_p, sc); });
+  if (a.nkc == 1) return;
+  // merge the chunks' partials row by row, in chunk order
+  const int64_t rows = a.G * a.Tq, d = a.d, nkc = a.nkc;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / d), [&](int64_t r0, int64_t r1) {
+    std::vector<T> w(nkc);
+    for (int64_t r = r0; r < r1; ++r) {
+      T top = pl_p[r];
+      for (int64_t c = 1; c < nkc; ++c) top = std::max(top, pl_p[c * rows + r]);
+      T total = T(0);
+      for (int64_t c = 0; c < nkc; ++c) total += (w[c] = std::exp(pl_p[c * rows + r] - top));
+      T* __restrict dst = o + r * d;
+      for (int64_t x = 0; x < d; ++x) dst[x] = T(0);
+      for (int64_t c = 0; c < nkc; ++c) {
+        const T wc = w[c] / total;
+        const T* __restrict src = po_p + (c * rows + r) * d;
+#pragma omp simd
+        for (int64_t x = 0; x < d; ++x) dst[x] += wc * src[x];
+      }
+      l[r] = top + std::log(total);
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                   double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  Args<T> a = make_args<T>(q, k, v, scale);
+  a.dout = dout.data_ptr<T>(); a.out = out.data_ptr<T>(); a.lse = lse.data_ptr<T>();
+  const bool by_q = a.nqb >= a.nkc;
+  const int64_t blocks = by_q ? a.nqb : a.nkc;
+  const int64_t groups = std::min(blocks, std::max<int64_t>(1, (kGroups + a.G - 1) / a.G));
+  const int64_t units = a.G * groups;
+  const int64_t part_rows = groups == 1 ? 0 : (by_q ? 2 * a.Tk : a.Tq);
+  std::vector<T> part(groups * a.G * part_rows * a.d);
+  T *dq_p = dq.data_ptr<T>(), *dk_p = dk.data_ptr<T>(), *dv_p = dv.data_ptr<T>();
+  T* part_p = part.data();
+  auto* fn = use_avx2() ? &backward_unit_avx2<T> : &backward_unit_base<T>;
+  const double macs = 5.0 * a.G * a.Tq * a.Tk * a.d;
+  varformer_cpu::run_blocks<FlushedScratch<T>>(
+      units, call_threads(macs, units), [] { return FlushedScratch<T>(); },
+      [&](int64_t u, Scratch<T>& sc) {
+        fn(a, u, groups, by_q, dq_p, dk_p, dv_p, part_p, sc);
+      });
+  if (groups == 1) return;
+  // sum the groups' partials in group order
+  const int64_t G = a.G, d = a.d;
+  auto reduce = [&](T* dst, const T* src, int64_t rows_per_head) {
+    const int64_t n = G * rows_per_head * d, stride = n;
+    at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        T acc = src[i];
+        for (int64_t grp = 1; grp < groups; ++grp) acc += src[grp * stride + i];
+        dst[i] = acc;
+      }
+    });
+  };
+  if (by_q) {
+    reduce(dk_p, part_p, a.Tk);
+    reduce(dv_p, part_p + groups * G * a.Tk * d, a.Tk);
+  } else {
+    reduce(dq_p, part_p, a.Tq);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, double scale) {
+  check_qkv("attention_fwd", q, k, v);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options());
+  if (q.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd",
+                             [&] { forward_impl<scalar_t>(q, k, v, scale, out, lse); });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, double scale) {
+  const char* op = "attention_bwd";
+  check_qkv(op, q, k, v);
+  check_tensor(op, "grad_out", dout, q, q.sizes());
+  check_tensor(op, "out", out, q, q.sizes());
+  check_tensor(op, "lse", lse, q, {q.size(0), q.size(1)});
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (q.numel() == 0) {
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd", [&] {
+    backward_impl<scalar_t>(dout, q, k, v, out, lse, scale, dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+std::string attention_isa() { return use_avx2() ? "avx2" : "baseline"; }
+
+}  // namespace
+}  // namespace varformer_attention
+
+TORCH_LIBRARY_FRAGMENT(varformer_ext, m) {
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def("attention_isa() -> str", &varformer_attention::attention_isa);
+}
+
+TORCH_LIBRARY_IMPL(varformer_ext, CPU, m) {
+  m.impl("attention_fwd", &varformer_attention::attention_fwd);
+  m.impl("attention_bwd", &varformer_attention::attention_bwd);
+}
