@@ -48,9 +48,9 @@ namespace {
 constexpr int64_t kMR = 6;      // rows of a register tile (A panel height)
 constexpr int64_t kNR = 16;     // columns of a register tile (B panel width)
 constexpr int64_t kKB = 256;    // K block of one packing pass
-constexpr int64_t kQB = 96;     // query rows of a tile
+constexpr int64_t kQB = 144;    // query rows of a tile (96, 144, 192 x 256, 384, 512 keys tried)
 constexpr int64_t kKC = 256;    // keys of a tile
-constexpr int64_t kGroups = 8;  // backward units over all heads (fixed: not the thread count)
+constexpr int64_t kGroups = 8;  // units of a call over all heads (fixed: not the thread count)
 
 #if defined(__x86_64__) || defined(__i386__)
 #define VF_AVX2 __attribute__((target("avx2,fma")))
@@ -72,9 +72,12 @@ inline int64_t score_ld(int64_t keys) { return (keys + 15) / 16 * 16 + 16; }
 template <typename T>
 struct Scratch {
   std::vector<T> s, dp;      // scores / probabilities, and dp / ds, [kQB][score_ld]
-  std::vector<T> kt, vt;     // the unit's key chunk transposed: [d][keys] each
+  std::vector<T> kt, vt;     // the unit's key chunk as packed panels of kᵀ and vᵀ [d][keys]
+  std::vector<T> kp, vp;     // ... and of k and v [keys][d]
+  T *ktp = nullptr, *vtp = nullptr, *kpp = nullptr, *vpp = nullptr;   // their aligned starts
   std::vector<T> edge;       // one B panel, contiguous: [K][kNR]
-  std::vector<T> row0, row1; // per-row values (delta, 1 / row sum)
+  std::vector<T> row0, row1; // per-row values of a tile (delta)
+  std::vector<T> sums;       // forward: running row sums of a unit's query rows
   Scratch() : s(kQB * score_ld(kKC)), dp(kQB * score_ld(kKC)), row0(kQB), row1(kQB) {}
 };
 
@@ -138,41 +141,59 @@ VF_AVX2 __attribute__((noinline)) void tile_avx2(int64_t K, const float* const* 
 }
 #endif
 
-// C [M, N] (row stride ldc) = alpha A B + beta C; A [M, K] a strided view, B [K, N] row-major
-// (row stride ldb); beta 0 never reads C. Each kNR-column panel of B is first copied into a
-// contiguous [K][kNR] buffer (zero-padded at the edge; L1-resident, no cache-set conflicts
-// whatever ldb is), then runs against all kMR-row tiles of A; the last tile re-reads A's last
-// row (results dropped). kAvx2 selects the float32 AVX2 tile.
+// A 64-byte aligned buffer of at least n elements inside v (grown as needed).
+template <typename T>
+VF_INLINE T* aligned(std::vector<T>& v, int64_t n) {
+  const size_t want = static_cast<size_t>(n) + 64 / sizeof(T);
+  if (v.size() < want) v.resize(want);
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
+}
+
+// B [K, N] with B(k, n) = src[k * rs + n * cs] as ceil(N / kNR) contiguous panels [K][kNR]
+// (zero-padded at the edge): what the register tile streams, L1-resident whatever the strides.
+template <typename T>
+VF_INLINE void pack_panels(const T* src, int64_t rs, int64_t cs, int64_t K, int64_t N,
+                           T* __restrict dst) {
+  for (int64_t n0 = 0; n0 < N; n0 += kNR, dst += K * kNR) {
+    const int64_t nr = std::min(kNR, N - n0);
+    if (cs == 1 && nr == kNR) {
+      for (int64_t k = 0; k < K; ++k) {
+        const T* __restrict r = src + k * rs + n0;
+#pragma omp simd
+        for (int64_t j = 0; j < kNR; ++j) dst[k * kNR + j] = r[j];
+      }
+      continue;
+    }
+    for (int64_t j = 0; j < kNR; ++j) {
+      if (j >= nr) {
+        for (int64_t k = 0; k < K; ++k) dst[k * kNR + j] = T(0);
+        continue;
+      }
+      const T* __restrict c = src + (n0 + j) * cs;
+      for (int64_t k = 0; k < K; ++k) dst[k * kNR + j] = c[k * rs];
+    }
+  }
+}
+
+// C [M, N] (row stride ldc) = alpha A B + beta C; A [M, K] a strided view, B given as packed
+// panels (pack_panels); beta 0 never reads C. Each panel runs against all kMR-row tiles of A;
+// the last tile re-reads A's last row (results dropped). kAvx2 selects the float32 AVX2 tile.
 template <typename T, bool kAvx2>
-VF_INLINE void gemm(int64_t M, int64_t N, int64_t K, T alpha, const View<T>& A, const T* B,
-                    int64_t ldb, T beta, T* C, int64_t ldc, Scratch<T>& sc) {
+VF_INLINE void gemm_packed(int64_t M, int64_t N, int64_t K, T alpha, const View<T>& A,
+                           const T* panels, T beta, T* C, int64_t ldc) {
   alignas(64) T acc[kMR * kNR];
   const T* rows[kMR];
-  if (sc.edge.size() < static_cast<size_t>(K * kNR + 64)) sc.edge.resize(K * kNR + 64);
-  // 64-byte aligned: each row of the panel is whole cache lines (no split loads)
-  T* __restrict bp = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(sc.edge.data()) + 63) &
-                                          ~uintptr_t(63));
   for (int64_t n0 = 0; n0 < N; n0 += kNR) {
     const int64_t nr = std::min(kNR, N - n0);
-    if (nr == kNR) {
-      for (int64_t k = 0; k < K; ++k) {
-        const T* __restrict src = B + k * ldb + n0;
-#pragma omp simd
-        for (int64_t j = 0; j < kNR; ++j) bp[k * kNR + j] = src[j];
-      }
-    } else {
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < kNR; ++j) bp[k * kNR + j] = j < nr ? B[k * ldb + n0 + j] : T(0);
-    }
-    const int64_t bs = kNR;
+    const T* bp = panels + (n0 / kNR) * K * kNR;
     for (int64_t m0 = 0; m0 < M; m0 += kMR) {
       const int64_t mr = std::min(kMR, M - m0);
       for (int64_t i = 0; i < kMR; ++i) rows[i] = A.p + std::min(m0 + i, M - 1) * A.rs;
 #if defined(__x86_64__) || defined(__i386__)
-      if constexpr (kAvx2 && std::is_same<T, float>::value) tile_avx2(K, rows, A.cs, bp, bs, acc);
-      else tile_generic(K, rows, A.cs, bp, bs, acc);
+      if constexpr (kAvx2 && std::is_same<T, float>::value) tile_avx2(K, rows, A.cs, bp, kNR, acc);
+      else tile_generic(K, rows, A.cs, bp, kNR, acc);
 #else
-      tile_generic(K, rows, A.cs, bp, bs, acc);
+      tile_generic(K, rows, A.cs, bp, kNR, acc);
 #endif
       for (int64_t i = 0; i < mr; ++i) {
         T* __restrict c = C + (m0 + i) * ldc + n0;
@@ -189,15 +210,16 @@ VF_INLINE void gemm(int64_t M, int64_t N, int64_t K, T alpha, const View<T>& A, 
   }
 }
 
-// dst [d][keys] = src [keys][d]ᵀ (row stride d), in 8 x 8 blocks.
-template <typename T>
-VF_INLINE void transpose(const T* __restrict src, int64_t keys, int64_t d, T* __restrict dst) {
-  for (int64_t j0 = 0; j0 < keys; j0 += 8)
-    for (int64_t c0 = 0; c0 < d; c0 += 8) {
-      const int64_t j1 = std::min(keys, j0 + 8), c1 = std::min(d, c0 + 8);
-      for (int64_t j = j0; j < j1; ++j)
-        for (int64_t c = c0; c < c1; ++c) dst[c * keys + j] = src[j * d + c];
-    }
+// The same with B [K, N] row-major (row stride ldb), packed here one panel at a time.
+template <typename T, bool kAvx2>
+VF_INLINE void gemm(int64_t M, int64_t N, int64_t K, T alpha, const View<T>& A, const T* B,
+                    int64_t ldb, T beta, T* C, int64_t ldc, Scratch<T>& sc) {
+  T* bp = aligned(sc.edge, K * kNR);
+  for (int64_t n0 = 0; n0 < N; n0 += kNR) {
+    const int64_t nr = std::min(kNR, N - n0);
+    pack_panels(B + n0, ldb, int64_t(1), K, nr, bp);
+    gemm_packed<T, kAvx2>(M, nr, K, alpha, A, bp, beta, C + n0, ldc);
+  }
 }
 
 // ------------------------------------------------------------------------------ tiles
@@ -208,52 +230,73 @@ struct Args {
   const T *q, *k, *v, *dout, *out, *lse;
 };
 
-// The key chunk kc of head g: its first row and key count; with `vt`, also vᵀ in the scratch.
+// Loads the key chunk kc of head g as packed panels (forward: kᵀ and v; backward: kᵀ, vᵀ and
+// k), once per unit for all its query blocks; returns the chunk's key count.
 template <typename T>
-VF_INLINE int64_t load_chunk(const Args<T>& a, int64_t g, int64_t kc, bool vt, Scratch<T>& sc) {
-  const int64_t keys = std::min(kKC, a.Tk - kc * kKC), off = (g * a.Tk + kc * kKC) * a.d;
-  const size_t n = static_cast<size_t>(a.d * kKC);
-  if (sc.kt.size() < n) sc.kt.resize(n);
-  transpose(a.k + off, keys, a.d, sc.kt.data());
-  if (vt) {
-    if (sc.vt.size() < n) sc.vt.resize(n);
-    transpose(a.v + off, keys, a.d, sc.vt.data());
+VF_INLINE int64_t load_chunk(const Args<T>& a, int64_t g, int64_t kc, bool backward,
+                             Scratch<T>& sc) {
+  const int64_t d = a.d, keys = std::min(kKC, a.Tk - kc * kKC), off = (g * a.Tk + kc * kKC) * d;
+  const int64_t pd = (d + kNR - 1) / kNR * kNR, pk = (keys + kNR - 1) / kNR * kNR;
+  sc.ktp = aligned(sc.kt, d * pk);
+  pack_panels(a.k + off, int64_t(1), d, d, keys, sc.ktp);          // kᵀ(c, j) = k[j][c]
+  if (backward) {
+    sc.vtp = aligned(sc.vt, d * pk);
+    pack_panels(a.v + off, int64_t(1), d, d, keys, sc.vtp);
+    sc.kpp = aligned(sc.kp, keys * pd);
+    pack_panels(a.k + off, d, int64_t(1), keys, d, sc.kpp);
+  } else {
+    sc.vpp = aligned(sc.vp, keys * pd);
+    pack_panels(a.v + off, d, int64_t(1), keys, d, sc.vpp);
   }
   return keys;
 }
 
-// Forward tile (g, query block qb, the loaded chunk kc of `keys` keys): o [rows, d] (row
-// stride d) and l [rows] get the chunk's normalised output and log-sum-exp.
+// Forward tile (g, query block qb, the loaded chunk kc of `keys` keys), online softmax over
+// the chunks of a unit: o [rows, d] (row stride d) holds the unnormalised output, mx [rows] the
+// running row maximum and sum [rows] the running row sum; `first` starts them. The caller
+// normalises after the unit's last chunk (finish_rows).
 template <typename T, bool kAvx2>
-VF_INLINE void forward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc, int64_t keys,
-                            T* o, T* l, Scratch<T>& sc) {
+VF_INLINE void forward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t keys, bool first,
+                            T* o, T* mx, T* sum, Scratch<T>& sc) {
   const int64_t d = a.d, r0 = qb * kQB, rows = std::min(kQB, a.Tq - r0), ls = score_ld(keys);
   const T* q = a.q + (g * a.Tq + r0) * d;
-  const T* v = a.v + (g * a.Tk + kc * kKC) * d;
   T* __restrict s = sc.s.data();
-  gemm<T, kAvx2>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.kt.data(), keys, T(0), s, ls,
-                 sc);
-  T* __restrict inv = sc.row1.data();
+  gemm_packed<T, kAvx2>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.ktp, T(0), s, ls);
   for (int64_t i = 0; i < rows; ++i) {
     T* __restrict row = s + i * ls;
-    T mx = row[0];
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < keys; ++j) mx = row[j] > mx ? row[j] : mx;
-    T sum = T(0);
-#pragma omp simd reduction(+ : sum)
+    T m = row[0];
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < keys; ++j) m = row[j] > m ? row[j] : m;
+    T rescale = T(0);
+    if (!first && mx[i] > m) m = mx[i];
+    if (!first) rescale = varformer_cpu::exp_clamped(mx[i] - m);
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
     for (int64_t j = 0; j < keys; ++j) {
-      row[j] = varformer_cpu::exp_clamped(row[j] - mx);
-      sum += row[j];
+      row[j] = varformer_cpu::exp_clamped(row[j] - m);
+      acc += row[j];
     }
-    inv[i] = T(1) / sum;
-    l[i] = mx + varformer_cpu::log_positive(sum);
+    if (!first) {
+      T* __restrict r = o + i * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) r[c] *= rescale;
+    }
+    mx[i] = m;
+    sum[i] = first ? acc : sum[i] * rescale + acc;
   }
-  gemm<T, kAvx2>(rows, d, keys, T(1), View<T>{s, ls, 1}, v, d, T(0), o, d, sc);
+  gemm_packed<T, kAvx2>(rows, d, keys, T(1), View<T>{s, ls, 1}, sc.vpp, first ? T(0) : T(1), o,
+                        d);
+}
+
+// o /= sum and lse = max + log(sum) for `rows` rows (mx holds the max, becomes the lse).
+template <typename T>
+VF_INLINE void finish_rows(int64_t rows, int64_t d, T* o, T* mx, const T* sum) {
   for (int64_t i = 0; i < rows; ++i) {
     T* __restrict r = o + i * d;
-    const T x = inv[i];
+    const T x = T(1) / sum[i];
 #pragma omp simd
     for (int64_t c = 0; c < d; ++c) r[c] *= x;
+    mx[i] += varformer_cpu::log_positive(sum[i]);
   }
 }
 
@@ -264,7 +307,6 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
                              T* dq, T* dk, T* dv, bool acc_q, bool acc_kv, Scratch<T>& sc) {
   const int64_t d = a.d, r0 = qb * kQB, rows = std::min(kQB, a.Tq - r0), ls = score_ld(keys);
   const T* q = a.q + (g * a.Tq + r0) * d;
-  const T* k = a.k + (g * a.Tk + kc * kKC) * d;
   const T* dO = a.dout + (g * a.Tq + r0) * d;
   const T* o = a.out + (g * a.Tq + r0) * d;
   const T* lse = a.lse + g * a.Tq + r0;
@@ -277,8 +319,7 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
   }
   // p = exp(scale q kᵀ - lse)
   T* __restrict p = sc.s.data();
-  gemm<T, kAvx2>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.kt.data(), keys, T(0), p, ls,
-                 sc);
+  gemm_packed<T, kAvx2>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.ktp, T(0), p, ls);
   for (int64_t i = 0; i < rows; ++i) {
     T* __restrict row = p + i * ls;
     const T li = lse[i];
@@ -290,8 +331,7 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
                  sc);
   // ds = p (dO vᵀ - delta)
   T* __restrict ds = sc.dp.data();
-  gemm<T, kAvx2>(rows, keys, d, T(1), View<T>{dO, d, 1}, sc.vt.data(), keys, T(0), ds, ls,
-                 sc);
+  gemm_packed<T, kAvx2>(rows, keys, d, T(1), View<T>{dO, d, 1}, sc.vtp, T(0), ds, ls);
   for (int64_t i = 0; i < rows; ++i) {
     T* __restrict r = ds + i * ls;
     const T* __restrict pr = p + i * ls;
@@ -299,29 +339,36 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
 #pragma omp simd
     for (int64_t j = 0; j < keys; ++j) r[j] = pr[j] * (r[j] - di);
   }
-  gemm<T, kAvx2>(rows, d, keys, a.scale, View<T>{ds, ls, 1}, k, d, acc_q ? T(1) : T(0), dq, d,
-                 sc);
+  gemm_packed<T, kAvx2>(rows, d, keys, a.scale, View<T>{ds, ls, 1}, sc.kpp, acc_q ? T(1) : T(0),
+                        dq, d);
   gemm<T, kAvx2>(keys, d, rows, a.scale, View<T>{ds, 1, ls}, q, d, acc_kv ? T(1) : T(0), dk, d,
                  sc);
 }
 
 // ------------------------------------------------------------------------------ units
-// Forward unit u = (g, kc, query-block group; group fastest): loads the chunk once, then its
-// query blocks. Partials (several chunks): po [nkc][G][Tq][d], pl [nkc][G][Tq].
+// Forward unit u = (g, key group, query group; query group fastest): the groups' chunks
+// (outer, each loaded once) x query blocks (inner), online softmax across the chunks. With one
+// key group it writes out/lse; otherwise its normalised partial po [kgroups][G][Tq][d] and
+// pl [kgroups][G][Tq], merged in key-group order afterwards.
 template <typename T, bool kAvx2>
-VF_INLINE void forward_unit_impl(const Args<T>& a, int64_t u, int64_t groups, T* out, T* lse,
-                                 T* po, T* pl, Scratch<T>& sc) {
-  const int64_t grp = u % groups, kc = (u / groups) % a.nkc, g = u / (groups * a.nkc);
-  const int64_t keys = load_chunk(a, g, kc, false, sc);
-  for (int64_t qb = grp * a.nqb / groups; qb < (grp + 1) * a.nqb / groups; ++qb) {
-    const int64_t row = g * a.Tq + qb * kQB;
-    if (a.nkc == 1) {
-      forward_tile<T, kAvx2>(a, g, qb, kc, keys, out + row * a.d, lse + row, sc);
-    } else {
-      const int64_t off = kc * a.G * a.Tq + row;
-      forward_tile<T, kAvx2>(a, g, qb, kc, keys, po + off * a.d, pl + off, sc);
+VF_INLINE void forward_unit_impl(const Args<T>& a, int64_t u, int64_t qgroups, int64_t kgroups,
+                                 T* out, T* lse, T* po, T* pl, Scratch<T>& sc) {
+  const int64_t qg = u % qgroups, kg = (u / qgroups) % kgroups, g = u / (qgroups * kgroups);
+  const int64_t b0 = qg * a.nqb / qgroups, b1 = (qg + 1) * a.nqb / qgroups;
+  const int64_t c0 = kg * a.nkc / kgroups, c1 = (kg + 1) * a.nkc / kgroups;
+  T* o = kgroups == 1 ? out : po + kg * a.G * a.Tq * a.d;
+  T* l = kgroups == 1 ? lse : pl + kg * a.G * a.Tq;
+  const int64_t row0 = g * a.Tq + b0 * kQB, nrows = std::min(a.Tq, b1 * kQB) - b0 * kQB;
+  T* sum = aligned(sc.sums, nrows);
+  for (int64_t kc = c0; kc < c1; ++kc) {
+    const int64_t keys = load_chunk(a, g, kc, false, sc);
+    for (int64_t qb = b0; qb < b1; ++qb) {
+      const int64_t row = g * a.Tq + qb * kQB;
+      forward_tile<T, kAvx2>(a, g, qb, keys, kc == c0, o + row * a.d, l + row,
+                             sum + (row - row0), sc);
     }
   }
+  finish_rows(nrows, a.d, o + row0 * a.d, l + row0, sum);
 }
 
 // Backward unit u = (g, group). by_q: the group's query blocks; dk/dv go to this group's
@@ -353,14 +400,14 @@ VF_INLINE void backward_unit_impl(const Args<T>& a, int64_t u, int64_t groups, b
 }
 
 template <typename T>
-VF_AVX2 void forward_unit_avx2(const Args<T>& a, int64_t u, int64_t groups, T* out, T* lse,
-                               T* po, T* pl, Scratch<T>& sc) {
-  forward_unit_impl<T, true>(a, u, groups, out, lse, po, pl, sc);
+VF_AVX2 void forward_unit_avx2(const Args<T>& a, int64_t u, int64_t qgroups, int64_t kgroups,
+                               T* out, T* lse, T* po, T* pl, Scratch<T>& sc) {
+  forward_unit_impl<T, true>(a, u, qgroups, kgroups, out, lse, po, pl, sc);
 }
 template <typename T>
-void forward_unit_base(const Args<T>& a, int64_t u, int64_t groups, T* out, T* lse, T* po,
-                       T* pl, Scratch<T>& sc) {
-  forward_unit_impl<T, false>(a, u, groups, out, lse, po, pl, sc);
+void forward_unit_base(const Args<T>& a, int64_t u, int64_t qgroups, int64_t kgroups, T* out,
+                       T* lse, T* po, T* pl, Scratch<T>& sc) {
+  forward_unit_impl<T, false>(a, u, qgroups, kgroups, out, lse, po, pl, sc);
 }
 template <typename T>
 VF_AVX2 void backward_unit_avx2(const Args<T>& a, int64_t u, int64_t groups, bool by_q, T* dq,
@@ -447,24 +494,25 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   at::Tensor& out, at::Tensor& lse) {
   const Args<T> a = make_args<T>(q, k, v, scale);
   const double macs = 2.0 * a.G * a.Tq * a.Tk * a.d;
-  // query blocks per unit: as many as leave ~4 units per thread (each unit loads its chunk once)
-  const int64_t threads = call_threads(macs, a.G * a.nqb * a.nkc);
-  const int64_t groups =
-      std::min(a.nqb, std::max<int64_t>(1, (4 * threads + a.G * a.nkc - 1) / (a.G * a.nkc)));
-  const int64_t units = a.G * a.nkc * groups;
+  // kGroups units over all heads where the sizes allow (fixed, so results do not depend on the
+  // thread count): query groups first (no partials), key groups for the rest
+  const int64_t qgroups = std::min(a.nqb, std::max<int64_t>(1, (kGroups + a.G - 1) / a.G));
+  const int64_t kgroups = std::min(
+      a.nkc, std::max<int64_t>(1, (kGroups + a.G * qgroups - 1) / (a.G * qgroups)));
+  const int64_t units = a.G * qgroups * kgroups;
   std::vector<T> po, pl;
-  if (a.nkc > 1) {
-    po.resize(a.nkc * a.G * a.Tq * a.d);
-    pl.resize(a.nkc * a.G * a.Tq);
+  if (kgroups > 1) {
+    po.resize(kgroups * a.G * a.Tq * a.d);
+    pl.resize(kgroups * a.G * a.Tq);
   }
   T *o = out.data_ptr<T>(), *l = lse.data_ptr<T>(), *po_p = po.data(), *pl_p = pl.data();
   auto* fn = use_avx2() ? &forward_unit_avx2<T> : &forward_unit_base<T>;
   varformer_cpu::run_blocks<FlushedScratch<T>>(
-      units, threads, [] { return FlushedScratch<T>(); },
-      [&](int64_t u, Scratch<T>& sc) { fn(a, u, groups, o, l, po_p, pl_p, sc); });
-  if (a.nkc == 1) return;
-  // merge the chunks' partials row by row, in chunk order
-  const int64_t rows = a.G * a.Tq, d = a.d, nkc = a.nkc;
+      units, call_threads(macs, units), [] { return FlushedScratch<T>(); },
+      [&](int64_t u, Scratch<T>& sc) { fn(a, u, qgroups, kgroups, o, l, po_p, pl_p, sc); });
+  if (kgroups == 1) return;
+  // merge the key groups' partials row by row, in group order
+  const int64_t rows = a.G * a.Tq, d = a.d, nkc = kgroups;
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / d), [&](int64_t r0, int64_t r1) {
     std::vector<T> w(nkc);
     for (int64_t r = r0; r < r1; ++r) {

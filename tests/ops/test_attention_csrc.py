@@ -38,13 +38,13 @@ def make3(G, Tq, Tk, d, dtype, seed=0, mag=1.0):
     return (q * mag).to(dtype), (k * mag).to(dtype), v.to(dtype)
 
 
-# (G, Tq, Tk, d): the kernel's tiles are 96 query rows x 256 keys: Tq and Tk below, at and above
+# (G, Tq, Tk, d): the kernel's tiles are 144 query rows x 256 keys: Tq and Tk below, at and above
 # one and several tiles (odd remainders), more query blocks than key chunks and the reverse
 # (the two backward partitions), G = 1 and G > 8 (one partition group per head), d 1..320
 RAW_SHAPES = [
     (1, 1, 1, 1),
     (2, 5, 7, 20),
-    (1, 97, 300, 40),
+    (1, 145, 300, 40),
     (3, 200, 513, 80),
     (1, 256, 1030, 160),
     (1, 1000, 17, 33),
