@@ -242,7 +242,7 @@ _VARIANT_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("variant", ["avx2", "baseline"])
 def test_every_isa_variant(variant):
     with open("/proc/cpuinfo") as f:
-        flags = f.read().split("\\n\\n")[0]
+        flags = f.read().split("\n\n")[0]
     if variant == "avx2" and not ("avx2" in flags and " fma" in flags):
         pytest.skip("this CPU has no AVX2+FMA")
     env = dict(os.environ, VARFORMER_CPU_ISA=variant)
