@@ -209,6 +209,17 @@ def _status() -> dict:
         return _state
 
 
+def op_kernel_status(op: str, what: str, on_ok=None) -> tuple[bool, str]:
+    """(usable, reason if not) of one C++ CPU op (``op``, e.g. "varformer_ext::attention_fwd")
+    of the library; builds it on first call. ``on_ok()`` runs when usable (fake registration)."""
+    ok, why = cpu_status()
+    if ok and not _has_kernel("CPU", op):
+        return False, f"the loaded C++ library has no {what} kernel"
+    if ok and on_ok is not None:
+        on_ok()
+    return ok, why
+
+
 def cpu_status() -> tuple[bool, str]:
     """(usable, reason if not) for the C++ CPU kernel; builds the library on first call."""
     return _status()["cpu"]

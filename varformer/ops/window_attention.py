@@ -294,12 +294,7 @@ def _register_ext_fakes() -> None:
 def cpu_kernel_status() -> tuple[bool, str]:
     """(usable, reason if not) of the C++ CPU kernel; builds the extension on first call."""
     from . import _ext
-    ok, why = _ext.cpu_status()
-    if ok and not _ext._has_kernel("CPU", _EXT_FWD):
-        return False, "the loaded C++ library has no window-attention kernel"
-    if ok:
-        _register_ext_fakes()
-    return ok, why
+    return _ext.op_kernel_status(_EXT_FWD, "window-attention", _register_ext_fakes)
 
 
 def _use_csrc(ws: int) -> bool:
