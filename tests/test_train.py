@@ -149,7 +149,8 @@ def test_interrupted_checkpoint_write_keeps_last_good(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(tr.ckpt.folder) if f.endswith(".tmp")]
     back = Trainer(cfg, str(tmp_path), resume=True)
     assert back.step == 2
-    assert all(torch.equal(back.model.state_dict()[k], v) for k, v in good.items())
+    loaded = back.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in good.items())
 
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
