@@ -76,9 +76,9 @@ struct Scratch {
   std::vector<T> kp, vp;     // ... and of k and v [keys][d]
   T *ktp = nullptr, *vtp = nullptr, *kpp = nullptr, *vpp = nullptr;   // their aligned starts
   std::vector<T> edge;       // one B panel, contiguous: [K][kNR]
-  std::vector<T> row0, row1; // per-row values of a tile (delta)
+  std::vector<T> row0;       // per-row values of a tile (delta)
   std::vector<T> sums;       // forward: running row sums of a unit's query rows
-  Scratch() : s(kQB * score_ld(kKC)), dp(kQB * score_ld(kKC)), row0(kQB), row1(kQB) {}
+  Scratch() : s(kQB * score_ld(kKC)), dp(kQB * score_ld(kKC)), row0(kQB) {}
 };
 
 // ------------------------------------------------------------------------------ GEMM

@@ -15,6 +15,22 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_with_isa(script: str, variant: str) -> str:
+    """Runs `script` in a fresh interpreter with VARFORMER_CPU_ISA=variant (the C++ kernels
+    choose their ISA once per process); returns its stdout, asserting that it exited 0."""
+    import subprocess
+    import sys
+    env = dict(os.environ, VARFORMER_CPU_ISA=variant)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
 def triton_usable() -> bool:
     from varformer.ops import _dispatch
     return _dispatch.triton_status(DEVICE)[0]

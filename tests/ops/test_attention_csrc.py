@@ -3,21 +3,17 @@ raw ops and the public op against float64 references at odd sizes (several query
 key chunks, both backward partitions, N = 1, L = 1, head dims 1-320), gradients, determinism
 across thread counts, both ISA variants, opcheck, fallbacks and bad input."""
 import importlib
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from tests.conftest import rel_err
+from tests.conftest import rel_err, run_with_isa
 from varformer.ops import mediator_attention, mediator_attention_reference
 
 mam = importlib.import_module("varformer.ops.mediator_attention")
 _OK, _WHY = mam.cpu_kernel_status()
 pytestmark = pytest.mark.skipif(not _OK, reason=f"C++ kernel unavailable: {_WHY}")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture
@@ -245,9 +241,5 @@ def test_every_isa_variant(variant):
         flags = f.read().split("\n\n")[0]
     if variant == "avx2" and not ("avx2" in flags and " fma" in flags):
         pytest.skip("this CPU has no AVX2+FMA")
-    env = dict(os.environ, VARFORMER_CPU_ISA=variant)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert f"ISA {variant}" in res.stdout and "OK" in res.stdout
+    out = run_with_isa(_VARIANT_SCRIPT, variant)
+    assert f"ISA {variant}" in out and "OK" in out

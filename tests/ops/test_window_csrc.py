@@ -3,22 +3,18 @@ reference: odd sizes, every window size it takes, shift 0 and > 0, head dims 7-3
 gradients (gradcheck and reference comparisons), determinism, every ISA variant, opcheck of the
 raw ops, non-contiguous input, fallbacks and bad input."""
 import importlib
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from tests.conftest import TOL, rel_err
+from tests.conftest import TOL, rel_err, run_with_isa
 from tests.ops.test_window_attention import eager_swin
 from varformer.ops import window_attention
 
 wa = importlib.import_module("varformer.ops.window_attention")   # the module, not the function
 _OK, _WHY = wa.cpu_kernel_status()
 pytestmark = pytest.mark.skipif(not _OK, reason=f"C++ kernel unavailable: {_WHY}")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture
@@ -227,7 +223,7 @@ def test_unknown_cpu_kernel_mode(monkeypatch):
 _VARIANT_SCRIPT = textwrap.dedent("""
     import importlib, torch
     from tests.ops.test_window_attention import eager_swin
-    from tests.conftest import rel_err
+    from tests.conftest import rel_err, run_with_isa
     from varformer.ops import window_attention
     wa = importlib.import_module("varformer.ops.window_attention")
     wa.CPU_KERNEL["value"] = "csrc"
@@ -267,9 +263,5 @@ def test_every_isa_variant(variant):
         pytest.skip("this CPU has no AVX-512")
     if variant == "avx2" and "avx2" not in flags:
         pytest.skip("this CPU has no AVX2")
-    env = dict(os.environ, VARFORMER_CPU_ISA=variant)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert f"ISA {variant}" in res.stdout and "OK" in res.stdout
+    out = run_with_isa(_VARIANT_SCRIPT, variant)
+    assert f"ISA {variant}" in out and "OK" in out

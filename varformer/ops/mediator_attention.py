@@ -363,55 +363,44 @@ def _heads_flat(t: Tensor) -> Tensor:
     return t.contiguous().view(-1, t.shape[-2], t.shape[-1])
 
 
-def _fwd_csrc(q, m, k, v, scale):
-    B, H, N, d = q.shape
-    L = m.shape[2]
-    q3, m3, k3, v3 = (_heads_flat(t) for t in (q, m, k, v))
-    fwd = torch.ops.varformer_ext.attention_fwd
-    s, lse_s = fwd(m3, k3, v3, float(scale))
-    out, lse_o = fwd(q3, m3, s, float(scale))
-    return (out.view(B, H, N, d), s.view(B, H, L, d), lse_s.view(B, H, L),
-            lse_o.view(B, H, N))
-
-
-def _bwd_csrc(g_out, g_s, q, m, k, v, out, s, lse_s, lse_o, scale):
-    G, d = q.shape[0] * q.shape[1], q.shape[-1]
-    q3, m3, k3, v3, o3, s3, g3 = (_heads_flat(t) for t in (q, m, k, v, out, s, g_out))
-    bwd = torch.ops.varformer_ext.attention_bwd
-    dq, dm2, ds = bwd(g3, q3, m3, s3, o3, lse_o.reshape(G, -1).contiguous(), float(scale))
-    if g_s is not None:
-        ds = ds + _heads_flat(g_s)
-    dm1, dk, dv = bwd(ds, m3, k3, v3, s3, lse_s.reshape(G, -1).contiguous(), float(scale))
-    return dq.view(q.shape), (dm1 + dm2).view(m.shape), dk.view(k.shape), dv.view(v.shape)
+def _stage_fns(dtype, G, N, L, Nk, d, backward):
+    """(context, attention forward, attention backward) of one call's two stages: the C++
+    kernel (its own load-aware threads), else the flash units (single-threaded caller)."""
+    if _use_csrc(dtype):
+        ext = torch.ops.varformer_ext
+        return (contextlib.nullcontext(),
+                lambda q, k, v, scale: ext.attention_fwd(q, k, v, float(scale)),
+                lambda do, q, k, v, o, lse, scale: ext.attention_bwd(do, q, k, v, o, lse,
+                                                                     float(scale)))
+    workers = _cpu_workers(backward=backward)
+    return (_cpu_context(G, N, L, Nk, d, workers),
+            lambda q, k, v, scale: _cpu_attention_fwd(q, k, v, scale, workers),
+            lambda do, q, k, v, o, lse, scale: _cpu_attention_bwd(do, q, k, v, o, lse, scale,
+                                                                  workers))
 
 
 def _fwd_cpu(q, m, k, v, scale):
-    if _use_csrc(q.dtype):
-        return _fwd_csrc(q, m, k, v, scale)
     B, H, N, d = q.shape
     L = m.shape[2]
-    workers = _cpu_workers()
-    with _cpu_context(B * H, N, L, k.shape[2], d, workers):
+    ctx, attn, _ = _stage_fns(q.dtype, B * H, N, L, k.shape[2], d, backward=False)
+    with ctx:
         q3, m3, k3, v3 = (_heads_flat(t) for t in (q, m, k, v))
-        s, lse_s = _cpu_attention_fwd(m3, k3, v3, scale, workers)
-        out, lse_o = _cpu_attention_fwd(q3, m3, s, scale, workers)
+        s, lse_s = attn(m3, k3, v3, scale)
+        out, lse_o = attn(q3, m3, s, scale)
     return (out.view(B, H, N, d), s.view(B, H, L, d), lse_s.view(B, H, L),
             lse_o.view(B, H, N))
 
 
 def _bwd_cpu(g_out, g_s, q, m, k, v, out, s, lse_s, lse_o, scale):
-    if _use_csrc(q.dtype):
-        return _bwd_csrc(g_out, g_s, q, m, k, v, out, s, lse_s, lse_o, scale)
     G, d = q.shape[0] * q.shape[1], q.shape[-1]
-    workers = _cpu_workers(backward=True)
-    with _cpu_context(G, q.shape[2], m.shape[2], k.shape[2], d, workers):
+    ctx, _, attn_bwd = _stage_fns(q.dtype, G, q.shape[2], m.shape[2], k.shape[2], d,
+                                  backward=True)
+    with ctx:
         q3, m3, k3, v3, o3, s3, g3 = (_heads_flat(t) for t in (q, m, k, v, out, s, g_out))
-        dq, dm2, ds = _cpu_attention_bwd(g3, q3, m3, s3, o3, lse_o.reshape(G, -1).contiguous(),
-                                         scale, workers)
+        dq, dm2, ds = attn_bwd(g3, q3, m3, s3, o3, lse_o.reshape(G, -1).contiguous(), scale)
         if g_s is not None:
             ds = (ds.to(_compute_dtype(q.dtype)) + _heads_flat(g_s)).to(q.dtype)
-        dm1, dk, dv = _cpu_attention_bwd(ds, m3, k3, v3, s3, lse_s.reshape(G, -1).contiguous(),
-                                         scale, workers)
+        dm1, dk, dv = attn_bwd(ds, m3, k3, v3, s3, lse_s.reshape(G, -1).contiguous(), scale)
         dm = (dm1.to(_compute_dtype(q.dtype)) + dm2).to(q.dtype)
     return dq.view(q.shape), dm.view(m.shape), dk.view(k.shape), dv.view(v.shape)
 
