@@ -7,9 +7,12 @@
 //
 // Work is cut into tiles: (head g, query block of <= kQB rows, key chunk of <= kKC keys). A
 // tile's score block stays in a per-thread buffer (L2) and every product runs through one
-// packed-panel GEMM: panels of 6 rows (A) and 16 columns (B), K in blocks of 256, with a 6x16
-// AVX2+FMA register tile for float32 where the CPU has it (12 accumulators, 2 loads and 6
-// broadcasts per k) and a portable tile otherwise (float64, other CPUs).
+// packed-panel GEMM over B panels of 16 columns. float32 register tiles by the CPU's widest ISA
+// (VARFORMER_CPU_ISA=avx2|baseline narrows it; attention_isa() reports it):
+//   avx512  12 x 32 (two panels): A packed per tile as [K][12], 24 zmm accumulators, per k two
+//           loads and 12 broadcasts; edges by masked stores
+//   avx2    6 x 16, A read in place: 12 ymm accumulators, per k two loads and 6 broadcasts
+//   portable (float64, other CPUs) 6 x 16, vectorised by the compiler.
 //
 // Forward: one tile per unit, exact softmax over its key chunk; with several chunks each writes a
 // partial output and log-sum-exp, merged in chunk order. Backward: recomputes P = exp(s - lse);
@@ -45,16 +48,22 @@
 namespace varformer_attention {
 namespace {
 
-constexpr int64_t kMR = 6;      // rows of a register tile (A panel height)
+constexpr int64_t kMR = 6;      // rows of the AVX2 / portable register tile
+constexpr int64_t kMR5 = 12;    // rows of the AVX-512 register tile
 constexpr int64_t kNR = 16;     // columns of a register tile (B panel width)
 constexpr int64_t kKB = 256;    // K block of one packing pass
 constexpr int64_t kQB = 144;    // query rows of a tile (96, 144, 192 x 256, 384, 512 keys tried)
 constexpr int64_t kKC = 256;    // keys of a tile
 constexpr int64_t kGroups = 8;  // units of a call over all heads (fixed: not the thread count)
 
+enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
 #if defined(__x86_64__) || defined(__i386__)
+#define VF_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
 #define VF_AVX2 __attribute__((target("avx2,fma")))
-#else
+#else  // other architectures: only the portable variant is ever chosen (detect_isa)
+#define VF_AVX512
 #define VF_AVX2
 #endif
 
@@ -75,7 +84,8 @@ struct Scratch {
   std::vector<T> kt, vt;     // the unit's key chunk as packed panels of kᵀ and vᵀ [d][keys]
   std::vector<T> kp, vp;     // ... and of k and v [keys][d]
   T *ktp = nullptr, *vtp = nullptr, *kpp = nullptr, *vpp = nullptr;   // their aligned starts
-  std::vector<T> edge;       // one B panel, contiguous: [K][kNR]
+  std::vector<T> edge;       // B packed by gemm(): one panel [K][kNR] (all of them: avx512)
+  std::vector<T> apk;        // avx512: A packed by register tiles, [tiles][K][kMR5]
   std::vector<T> row0;       // per-row values of a tile (delta)
   std::vector<T> sums;       // forward: running row sums of a unit's query rows
   Scratch() : s(kQB * score_ld(kKC)), dp(kQB * score_ld(kKC)), row0(kQB) {}
@@ -141,6 +151,154 @@ VF_AVX2 __attribute__((noinline)) void tile_avx2(int64_t K, const float* const* 
 }
 #endif
 
+#if defined(__x86_64__) || defined(__i386__)
+// dst[c * dld + r] = src[r * ld + c] for c < cols <= 16 and r < 16 (rows past `rows` zero),
+// storing the lanes of `keep` of each dst row: a 16 x 16 transpose in zmm registers (unpack
+// pairs of rows, then pairs of pairs, then 128-bit lanes), the packing of transposed operands.
+VF_AVX512 void transpose16(const float* src, int64_t ld, int64_t rows, int64_t cols, float* dst,
+                           int64_t dld, __mmask16 keep) {
+  const __mmask16 cm = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < rows ? _mm512_maskz_loadu_ps(cm, src + i * ld) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {   // r[i + m]: lane L holds column 4L + m of rows i..i+3
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), e = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < 4; ++m) {
+    const __m512 v0 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xdd);
+    const __m512 w0 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+    const __m512 w1 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xdd);
+    t[m] = _mm512_shuffle_f32x4(v0, w0, 0x88);        // column m
+    t[4 + m] = _mm512_shuffle_f32x4(v1, w1, 0x88);    // column 4 + m
+    t[8 + m] = _mm512_shuffle_f32x4(v0, w0, 0xdd);    // column 8 + m
+    t[12 + m] = _mm512_shuffle_f32x4(v1, w1, 0xdd);   // column 12 + m
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < 16; ++c)
+    if (c < cols) _mm512_mask_storeu_ps(dst + c * dld, keep, t[c]);
+}
+
+// C rows [0, mr) x columns [0, nr) (row stride ldc) = alpha A B + beta C (beta 0: C not read)
+// for float32 with AVX-512: B NP (1 or 2) adjacent panels [K][kNR] pstride floats apart; A
+// packed as [K][kMR5] (kInPlace false), or read in place as A(i, k) = a[i * rs + k] (all kMR5
+// rows valid). kMR5 x NP zmm accumulators, per k NP loads and kMR5 broadcasts.
+template <int NP, bool kInPlace>
+VF_AVX512 __attribute__((noinline)) void tile_avx512(int64_t K, const float* __restrict a,
+                                                     int64_t rs, const float* __restrict b,
+                                                     int64_t pstride, int64_t mr, int64_t nr,
+                                                     float alpha, float beta, float* C,
+                                                     int64_t ldc) {
+  __m512 c0[kMR5], c1[kMR5];
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR5; ++i) {
+    c0[i] = _mm512_setzero_ps();
+    if (NP > 1) c1[i] = _mm512_setzero_ps();
+  }
+  // in place: rows 4j..4j+3 at p[4j] + {0, rs, 2 rs, 3 rs} (three pointers, three strides)
+  const float *p0 = a, *p4 = a + 4 * rs, *p8 = a + 8 * rs;
+  const int64_t rs2 = 2 * rs, rs3 = 3 * rs;
+  for (int64_t k = 0; k < K; ++k, b += kNR) {
+    const __m512 b0 = _mm512_loadu_ps(b);
+    const __m512 b1 = NP > 1 ? _mm512_loadu_ps(b + pstride) : b0;
+#pragma GCC unroll 12
+    for (int i = 0; i < kMR5; ++i) {
+      float ai;
+      if (kInPlace) {
+        const float* p = i < 4 ? p0 : (i < 8 ? p4 : p8);
+        const int j = i % 4;
+        ai = p[j == 0 ? 0 : (j == 1 ? rs : (j == 2 ? rs2 : rs3))];
+      } else {
+        ai = a[k * kMR5 + i];
+      }
+      const __m512 x = _mm512_set1_ps(ai);
+      c0[i] = _mm512_fmadd_ps(x, b0, c0[i]);
+      if (NP > 1) c1[i] = _mm512_fmadd_ps(x, b1, c1[i]);
+    }
+    if (kInPlace) { ++p0; ++p4; ++p8; }
+  }
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  const __mmask16 m0 = nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nr) - 1);
+  const __mmask16 m1 = nr >= 32 ? __mmask16(0xFFFF)
+                                : (nr > 16 ? __mmask16((1u << (nr - 16)) - 1) : __mmask16(0));
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR5; ++i) {
+    if (i < mr) {
+      float* r = C + i * ldc;
+      __m512 y0 = _mm512_mul_ps(va, c0[i]);
+      if (beta != 0.0f) y0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, r), y0);
+      _mm512_mask_storeu_ps(r, m0, y0);
+      if (NP > 1) {
+        __m512 y1 = _mm512_mul_ps(va, c1[i]);
+        if (beta != 0.0f) y1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, r + 16), y1);
+        _mm512_mask_storeu_ps(r + 16, m1, y1);
+      }
+    }
+  }
+}
+
+// gemm_packed (below) for float32 with AVX-512: row tiles of kMR5 against pairs of B panels (a
+// single one at an odd edge), panels outer (a pair stays in L1 while every row tile streams by).
+// Row-major A is read in place by its full row tiles; the other tiles are packed first into
+// apk [tile][K][kMR5] (rows past M zero): contiguous columns copied kMR5 floats per k,
+// row-major edge tiles by 16 x 16 transposes (12 lanes kept).
+VF_AVX512 void gemm_packed_avx512(int64_t M, int64_t N, int64_t K, float alpha,
+                                  const View<float>& A, const float* panels, float beta,
+                                  float* C, int64_t ldc, float* __restrict apk) {
+  const int64_t pstride = K * kNR;
+  for (int64_t m0 = 0; m0 < M; m0 += kMR5) {
+    const int64_t mr = std::min(kMR5, M - m0);
+    float* __restrict tp = apk + (m0 / kMR5) * K * kMR5;
+    if (A.cs == 1 && mr == kMR5) continue;   // read in place
+    if (A.rs == 1) {
+      for (int64_t k = 0; k < K; ++k) {
+        const float* __restrict src = A.p + m0 + k * A.cs;
+        float* __restrict dst = tp + k * kMR5;
+        for (int64_t i = 0; i < kMR5; ++i) dst[i] = i < mr ? src[i] : 0.0f;
+      }
+    } else if (A.cs == 1) {
+      for (int64_t k0 = 0; k0 < K; k0 += 16)
+        transpose16(A.p + m0 * A.rs + k0, A.rs, mr, std::min<int64_t>(16, K - k0),
+                    tp + k0 * kMR5, kMR5, __mmask16((1u << kMR5) - 1));
+    } else {
+      for (int64_t i = 0; i < kMR5; ++i)
+        for (int64_t k = 0; k < K; ++k)
+          tp[k * kMR5 + i] = i < mr ? A.p[(m0 + i) * A.rs + k * A.cs] : 0.0f;
+    }
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += 2 * kNR) {
+    const int64_t nr = std::min(2 * kNR, N - n0);
+    const float* bp = panels + (n0 / kNR) * pstride;
+    for (int64_t m0 = 0; m0 < M; m0 += kMR5) {
+      const int64_t mr = std::min(kMR5, M - m0);
+      float* c = C + m0 * ldc + n0;
+      if (A.cs == 1 && mr == kMR5) {
+        const float* ar = A.p + m0 * A.rs;
+        if (nr > kNR) tile_avx512<2, true>(K, ar, A.rs, bp, pstride, mr, nr, alpha, beta, c, ldc);
+        else tile_avx512<1, true>(K, ar, A.rs, bp, pstride, mr, nr, alpha, beta, c, ldc);
+      } else {
+        const float* tp = apk + (m0 / kMR5) * K * kMR5;
+        if (nr > kNR) tile_avx512<2, false>(K, tp, 0, bp, pstride, mr, nr, alpha, beta, c, ldc);
+        else tile_avx512<1, false>(K, tp, 0, bp, pstride, mr, nr, alpha, beta, c, ldc);
+      }
+    }
+  }
+}
+#endif
+
 // A 64-byte aligned buffer of at least n elements inside v (grown as needed).
 template <typename T>
 VF_INLINE T* aligned(std::vector<T>& v, int64_t n) {
@@ -151,11 +309,21 @@ VF_INLINE T* aligned(std::vector<T>& v, int64_t n) {
 
 // B [K, N] with B(k, n) = src[k * rs + n * cs] as ceil(N / kNR) contiguous panels [K][kNR]
 // (zero-padded at the edge): what the register tile streams, L1-resident whatever the strides.
-template <typename T>
+template <typename T, int kIsa = kBase>
 VF_INLINE void pack_panels(const T* src, int64_t rs, int64_t cs, int64_t K, int64_t N,
                            T* __restrict dst) {
   for (int64_t n0 = 0; n0 < N; n0 += kNR, dst += K * kNR) {
     const int64_t nr = std::min(kNR, N - n0);
+#if defined(__x86_64__) || defined(__i386__)
+    if constexpr (kIsa == kAvx512 && std::is_same<T, float>::value) {
+      if (rs == 1) {   // B(k, n) = src[n * cs + k]: the panel is a transpose of nr rows
+        for (int64_t k0 = 0; k0 < K; k0 += 16)
+          transpose16(src + n0 * cs + k0, cs, nr, std::min<int64_t>(16, K - k0),
+                      dst + k0 * kNR, kNR, __mmask16(0xFFFF));
+        continue;
+      }
+    }
+#endif
     if (cs == 1 && nr == kNR) {
       for (int64_t k = 0; k < K; ++k) {
         const T* __restrict r = src + k * rs + n0;
@@ -177,10 +345,17 @@ VF_INLINE void pack_panels(const T* src, int64_t rs, int64_t cs, int64_t K, int6
 
 // C [M, N] (row stride ldc) = alpha A B + beta C; A [M, K] a strided view, B given as packed
 // panels (pack_panels); beta 0 never reads C. Each panel runs against all kMR-row tiles of A;
-// the last tile re-reads A's last row (results dropped). kAvx2 selects the float32 AVX2 tile.
-template <typename T, bool kAvx2>
+// the last tile re-reads A's last row (results dropped). kIsa selects the float32 register tile.
+template <typename T, int kIsa>
 VF_INLINE void gemm_packed(int64_t M, int64_t N, int64_t K, T alpha, const View<T>& A,
-                           const T* panels, T beta, T* C, int64_t ldc) {
+                           const T* panels, T beta, T* C, int64_t ldc, Scratch<T>& sc) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (kIsa == kAvx512 && std::is_same<T, float>::value) {
+    gemm_packed_avx512(M, N, K, alpha, A, panels, beta, C, ldc,
+                       aligned(sc.apk, (M + kMR5 - 1) / kMR5 * kMR5 * K));
+    return;
+  }
+#endif
   alignas(64) T acc[kMR * kNR];
   const T* rows[kMR];
   for (int64_t n0 = 0; n0 < N; n0 += kNR) {
@@ -190,7 +365,8 @@ VF_INLINE void gemm_packed(int64_t M, int64_t N, int64_t K, T alpha, const View<
       const int64_t mr = std::min(kMR, M - m0);
       for (int64_t i = 0; i < kMR; ++i) rows[i] = A.p + std::min(m0 + i, M - 1) * A.rs;
 #if defined(__x86_64__) || defined(__i386__)
-      if constexpr (kAvx2 && std::is_same<T, float>::value) tile_avx2(K, rows, A.cs, bp, kNR, acc);
+      if constexpr (kIsa == kAvx2 && std::is_same<T, float>::value)
+        tile_avx2(K, rows, A.cs, bp, kNR, acc);
       else tile_generic(K, rows, A.cs, bp, kNR, acc);
 #else
       tile_generic(K, rows, A.cs, bp, kNR, acc);
@@ -210,15 +386,22 @@ VF_INLINE void gemm_packed(int64_t M, int64_t N, int64_t K, T alpha, const View<
   }
 }
 
-// The same with B [K, N] row-major (row stride ldb), packed here one panel at a time.
-template <typename T, bool kAvx2>
+// The same with B [K, N] row-major (row stride ldb), packed here: one panel at a time, or all
+// at once for the AVX-512 tile (which runs two panels).
+template <typename T, int kIsa>
 VF_INLINE void gemm(int64_t M, int64_t N, int64_t K, T alpha, const View<T>& A, const T* B,
                     int64_t ldb, T beta, T* C, int64_t ldc, Scratch<T>& sc) {
+  if constexpr (kIsa == kAvx512 && std::is_same<T, float>::value) {
+    T* bp = aligned(sc.edge, K * ((N + kNR - 1) / kNR * kNR));
+    pack_panels(B, ldb, int64_t(1), K, N, bp);
+    gemm_packed<T, kIsa>(M, N, K, alpha, A, bp, beta, C, ldc, sc);
+    return;
+  }
   T* bp = aligned(sc.edge, K * kNR);
   for (int64_t n0 = 0; n0 < N; n0 += kNR) {
     const int64_t nr = std::min(kNR, N - n0);
     pack_panels(B + n0, ldb, int64_t(1), K, nr, bp);
-    gemm_packed<T, kAvx2>(M, nr, K, alpha, A, bp, beta, C + n0, ldc);
+    gemm_packed<T, kIsa>(M, nr, K, alpha, A, bp, beta, C + n0, ldc, sc);
   }
 }
 
@@ -232,16 +415,16 @@ struct Args {
 
 // Loads the key chunk kc of head g as packed panels (forward: kᵀ and v; backward: kᵀ, vᵀ and
 // k), once per unit for all its query blocks; returns the chunk's key count.
-template <typename T>
+template <typename T, int kIsa>
 VF_INLINE int64_t load_chunk(const Args<T>& a, int64_t g, int64_t kc, bool backward,
                              Scratch<T>& sc) {
   const int64_t d = a.d, keys = std::min(kKC, a.Tk - kc * kKC), off = (g * a.Tk + kc * kKC) * d;
   const int64_t pd = (d + kNR - 1) / kNR * kNR, pk = (keys + kNR - 1) / kNR * kNR;
   sc.ktp = aligned(sc.kt, d * pk);
-  pack_panels(a.k + off, int64_t(1), d, d, keys, sc.ktp);          // kᵀ(c, j) = k[j][c]
+  pack_panels<T, kIsa>(a.k + off, int64_t(1), d, d, keys, sc.ktp);          // kᵀ(c, j) = k[j][c]
   if (backward) {
     sc.vtp = aligned(sc.vt, d * pk);
-    pack_panels(a.v + off, int64_t(1), d, d, keys, sc.vtp);
+    pack_panels<T, kIsa>(a.v + off, int64_t(1), d, d, keys, sc.vtp);
     sc.kpp = aligned(sc.kp, keys * pd);
     pack_panels(a.k + off, d, int64_t(1), keys, d, sc.kpp);
   } else {
@@ -255,13 +438,13 @@ VF_INLINE int64_t load_chunk(const Args<T>& a, int64_t g, int64_t kc, bool backw
 // the chunks of a unit: o [rows, d] (row stride d) holds the unnormalised output, mx [rows] the
 // running row maximum and sum [rows] the running row sum; `first` starts them. The caller
 // normalises after the unit's last chunk (finish_rows).
-template <typename T, bool kAvx2>
+template <typename T, int kIsa>
 VF_INLINE void forward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t keys, bool first,
                             T* o, T* mx, T* sum, Scratch<T>& sc) {
   const int64_t d = a.d, r0 = qb * kQB, rows = std::min(kQB, a.Tq - r0), ls = score_ld(keys);
   const T* q = a.q + (g * a.Tq + r0) * d;
   T* __restrict s = sc.s.data();
-  gemm_packed<T, kAvx2>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.ktp, T(0), s, ls);
+  gemm_packed<T, kIsa>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.ktp, T(0), s, ls, sc);
   for (int64_t i = 0; i < rows; ++i) {
     T* __restrict row = s + i * ls;
     T m = row[0];
@@ -284,8 +467,8 @@ VF_INLINE void forward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t key
     mx[i] = m;
     sum[i] = first ? acc : sum[i] * rescale + acc;
   }
-  gemm_packed<T, kAvx2>(rows, d, keys, T(1), View<T>{s, ls, 1}, sc.vpp, first ? T(0) : T(1), o,
-                        d);
+  gemm_packed<T, kIsa>(rows, d, keys, T(1), View<T>{s, ls, 1}, sc.vpp, first ? T(0) : T(1), o,
+                       d, sc);
 }
 
 // o /= sum and lse = max + log(sum) for `rows` rows (mx holds the max, becomes the lse).
@@ -302,7 +485,7 @@ VF_INLINE void finish_rows(int64_t rows, int64_t d, T* o, T* mx, const T* sum) {
 
 // Backward tile (g, qb, the loaded chunk kc): dq rows (+)= scale ds k, the chunk's dk/dv rows
 // (+)= scale dsᵀ q / pᵀ dO, accumulating where acc_q / acc_kv (else overwriting). Row strides d.
-template <typename T, bool kAvx2>
+template <typename T, int kIsa>
 VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc, int64_t keys,
                              T* dq, T* dk, T* dv, bool acc_q, bool acc_kv, Scratch<T>& sc) {
   const int64_t d = a.d, r0 = qb * kQB, rows = std::min(kQB, a.Tq - r0), ls = score_ld(keys);
@@ -319,7 +502,7 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
   }
   // p = exp(scale q kᵀ - lse)
   T* __restrict p = sc.s.data();
-  gemm_packed<T, kAvx2>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.ktp, T(0), p, ls);
+  gemm_packed<T, kIsa>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.ktp, T(0), p, ls, sc);
   for (int64_t i = 0; i < rows; ++i) {
     T* __restrict row = p + i * ls;
     const T li = lse[i];
@@ -327,11 +510,11 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
     for (int64_t j = 0; j < keys; ++j) row[j] = varformer_cpu::exp_clamped(row[j] - li);
   }
   // dv = pᵀ dO
-  gemm<T, kAvx2>(keys, d, rows, T(1), View<T>{p, 1, ls}, dO, d, acc_kv ? T(1) : T(0), dv, d,
+  gemm<T, kIsa>(keys, d, rows, T(1), View<T>{p, 1, ls}, dO, d, acc_kv ? T(1) : T(0), dv, d,
                  sc);
   // ds = p (dO vᵀ - delta)
   T* __restrict ds = sc.dp.data();
-  gemm_packed<T, kAvx2>(rows, keys, d, T(1), View<T>{dO, d, 1}, sc.vtp, T(0), ds, ls);
+  gemm_packed<T, kIsa>(rows, keys, d, T(1), View<T>{dO, d, 1}, sc.vtp, T(0), ds, ls, sc);
   for (int64_t i = 0; i < rows; ++i) {
     T* __restrict r = ds + i * ls;
     const T* __restrict pr = p + i * ls;
@@ -339,9 +522,9 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
 #pragma omp simd
     for (int64_t j = 0; j < keys; ++j) r[j] = pr[j] * (r[j] - di);
   }
-  gemm_packed<T, kAvx2>(rows, d, keys, a.scale, View<T>{ds, ls, 1}, sc.kpp, acc_q ? T(1) : T(0),
-                        dq, d);
-  gemm<T, kAvx2>(keys, d, rows, a.scale, View<T>{ds, 1, ls}, q, d, acc_kv ? T(1) : T(0), dk, d,
+  gemm_packed<T, kIsa>(rows, d, keys, a.scale, View<T>{ds, ls, 1}, sc.kpp, acc_q ? T(1) : T(0),
+                       dq, d, sc);
+  gemm<T, kIsa>(keys, d, rows, a.scale, View<T>{ds, 1, ls}, q, d, acc_kv ? T(1) : T(0), dk, d,
                  sc);
 }
 
@@ -350,7 +533,7 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
 // (outer, each loaded once) x query blocks (inner), online softmax across the chunks. With one
 // key group it writes out/lse; otherwise its normalised partial po [kgroups][G][Tq][d] and
 // pl [kgroups][G][Tq], merged in key-group order afterwards.
-template <typename T, bool kAvx2>
+template <typename T, int kIsa>
 VF_INLINE void forward_unit_impl(const Args<T>& a, int64_t u, int64_t qgroups, int64_t kgroups,
                                  T* out, T* lse, T* po, T* pl, Scratch<T>& sc) {
   const int64_t qg = u % qgroups, kg = (u / qgroups) % kgroups, g = u / (qgroups * kgroups);
@@ -361,10 +544,10 @@ VF_INLINE void forward_unit_impl(const Args<T>& a, int64_t u, int64_t qgroups, i
   const int64_t row0 = g * a.Tq + b0 * kQB, nrows = std::min(a.Tq, b1 * kQB) - b0 * kQB;
   T* sum = aligned(sc.sums, nrows);
   for (int64_t kc = c0; kc < c1; ++kc) {
-    const int64_t keys = load_chunk(a, g, kc, false, sc);
+    const int64_t keys = load_chunk<T, kIsa>(a, g, kc, false, sc);
     for (int64_t qb = b0; qb < b1; ++qb) {
       const int64_t row = g * a.Tq + qb * kQB;
-      forward_tile<T, kAvx2>(a, g, qb, keys, kc == c0, o + row * a.d, l + row,
+      forward_tile<T, kIsa>(a, g, qb, keys, kc == c0, o + row * a.d, l + row,
                              sum + (row - row0), sc);
     }
   }
@@ -375,7 +558,7 @@ VF_INLINE void forward_unit_impl(const Args<T>& a, int64_t u, int64_t qgroups, i
 // partial (pk/pv [groups][G][Tk][d]) or straight to dk/dv when groups == 1. Otherwise the
 // group's key chunks, dq to its partial pq [groups][G][Tq][d]. Chunks outer (each loaded once),
 // query blocks inner; dq accumulates over chunks, dk/dv over query blocks, in a fixed order.
-template <typename T, bool kAvx2>
+template <typename T, int kIsa>
 VF_INLINE void backward_unit_impl(const Args<T>& a, int64_t u, int64_t groups, bool by_q, T* dq,
                                   T* dk, T* dv, T* part, Scratch<T>& sc) {
   const int64_t g = u / groups, grp = u % groups, d = a.d;
@@ -392,48 +575,67 @@ VF_INLINE void backward_unit_impl(const Args<T>& a, int64_t u, int64_t groups, b
     if (groups > 1) pq = part + (grp * a.G) * a.Tq * d;
   }
   for (int64_t kc = c0; kc < c1; ++kc) {
-    const int64_t keys = load_chunk(a, g, kc, true, sc), kr = (g * a.Tk + kc * kKC) * d;
+    const int64_t keys = load_chunk<T, kIsa>(a, g, kc, true, sc), kr = (g * a.Tk + kc * kKC) * d;
     for (int64_t qb = b0; qb < b1; ++qb)
-      backward_tile<T, kAvx2>(a, g, qb, kc, keys, pq + (g * a.Tq + qb * kQB) * d, pk + kr,
+      backward_tile<T, kIsa>(a, g, qb, kc, keys, pq + (g * a.Tq + qb * kQB) * d, pk + kr,
                               pv + kr, kc > c0, qb > b0, sc);
   }
 }
 
 template <typename T>
+VF_AVX512 void forward_unit_avx512(const Args<T>& a, int64_t u, int64_t qgroups,
+                                   int64_t kgroups, T* out, T* lse, T* po, T* pl,
+                                   Scratch<T>& sc) {
+  forward_unit_impl<T, kAvx512>(a, u, qgroups, kgroups, out, lse, po, pl, sc);
+}
+template <typename T>
 VF_AVX2 void forward_unit_avx2(const Args<T>& a, int64_t u, int64_t qgroups, int64_t kgroups,
                                T* out, T* lse, T* po, T* pl, Scratch<T>& sc) {
-  forward_unit_impl<T, true>(a, u, qgroups, kgroups, out, lse, po, pl, sc);
+  forward_unit_impl<T, kAvx2>(a, u, qgroups, kgroups, out, lse, po, pl, sc);
 }
 template <typename T>
 void forward_unit_base(const Args<T>& a, int64_t u, int64_t qgroups, int64_t kgroups, T* out,
                        T* lse, T* po, T* pl, Scratch<T>& sc) {
-  forward_unit_impl<T, false>(a, u, qgroups, kgroups, out, lse, po, pl, sc);
+  forward_unit_impl<T, kBase>(a, u, qgroups, kgroups, out, lse, po, pl, sc);
+}
+template <typename T>
+VF_AVX512 void backward_unit_avx512(const Args<T>& a, int64_t u, int64_t groups, bool by_q,
+                                    T* dq, T* dk, T* dv, T* part, Scratch<T>& sc) {
+  backward_unit_impl<T, kAvx512>(a, u, groups, by_q, dq, dk, dv, part, sc);
 }
 template <typename T>
 VF_AVX2 void backward_unit_avx2(const Args<T>& a, int64_t u, int64_t groups, bool by_q, T* dq,
                                 T* dk, T* dv, T* part, Scratch<T>& sc) {
-  backward_unit_impl<T, true>(a, u, groups, by_q, dq, dk, dv, part, sc);
+  backward_unit_impl<T, kAvx2>(a, u, groups, by_q, dq, dk, dv, part, sc);
 }
 template <typename T>
 void backward_unit_base(const Args<T>& a, int64_t u, int64_t groups, bool by_q, T* dq, T* dk,
                         T* dv, T* part, Scratch<T>& sc) {
-  backward_unit_impl<T, false>(a, u, groups, by_q, dq, dk, dv, part, sc);
+  backward_unit_impl<T, kBase>(a, u, groups, by_q, dq, dk, dv, part, sc);
 }
 
 // ------------------------------------------------------------------------------ ISA, threads
-bool detect_avx2() {
+// The widest variant this CPU runs; VARFORMER_CPU_ISA=avx2|baseline narrows it (never widens).
+Isa detect_isa() {
+  Isa best = kBase;
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* env = std::getenv("VARFORMER_CPU_ISA");
-  return has && !(env != nullptr && std::string(env) == "baseline");
-#else
-  return false;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = kAvx2;
+  if (best == kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    best = kAvx512;
 #endif
+  const char* env = std::getenv("VARFORMER_CPU_ISA");
+  if (env != nullptr) {
+    const std::string want(env);
+    if (want == "baseline") best = kBase;
+    else if (want == "avx2" && best >= kAvx2) best = kAvx2;
+  }
+  return best;
 }
 
-bool use_avx2() {
-  static const bool chosen = detect_avx2();
+Isa isa() {
+  static const Isa chosen = detect_isa();
   return chosen;
 }
 
@@ -495,10 +697,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const Args<T> a = make_args<T>(q, k, v, scale);
   const double macs = 2.0 * a.G * a.Tq * a.Tk * a.d;
   // kGroups units over all heads where the sizes allow (fixed, so results do not depend on the
-  // thread count): query groups first (no partials), key groups for the rest
-  const int64_t qgroups = std::min(a.nqb, std::max<int64_t>(1, (kGroups + a.G - 1) / a.G));
-  const int64_t kgroups = std::min(
-      a.nkc, std::max<int64_t>(1, (kGroups + a.G * qgroups - 1) / (a.G * qgroups)));
+  // thread count): query groups first (no partials), but with at least 4 query blocks per unit
+  // where key groups can take the rest (a unit packs each of its key chunks once for all its
+  // query blocks), key groups for the rest
+  const int64_t target = std::max<int64_t>(1, (kGroups + a.G - 1) / a.G);
+  int64_t qgroups = std::min(a.nqb, target);
+  if (a.nkc > 1 && a.nqb < 4 * qgroups) qgroups = std::max<int64_t>(1, a.nqb / 4);
+  const int64_t kgroups =
+      std::min(a.nkc, std::max<int64_t>(1, (target + qgroups - 1) / qgroups));
   const int64_t units = a.G * qgroups * kgroups;
   std::vector<T> po, pl;
   if (kgroups > 1) {
@@ -506,7 +712,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     pl.resize(kgroups * a.G * a.Tq);
   }
   T *o = out.data_ptr<T>(), *l = lse.data_ptr<T>(), *po_p = po.data(), *pl_p = pl.data();
-  auto* fn = use_avx2() ? &forward_unit_avx2<T> : &forward_unit_base<T>;
+  auto* fn = isa() == kAvx512 ? &forward_unit_avx512<T>
+             : isa() == kAvx2  ? &forward_unit_avx2<T> : &forward_unit_base<T>;
   varformer_cpu::run_blocks<FlushedScratch<T>>(
       units, call_threads(macs, units), [] { return FlushedScratch<T>(); },
       [&](int64_t u, Scratch<T>& sc) { fn(a, u, qgroups, kgroups, o, l, po_p, pl_p, sc); });
@@ -547,7 +754,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   std::vector<T> part(groups * a.G * part_rows * a.d);
   T *dq_p = dq.data_ptr<T>(), *dk_p = dk.data_ptr<T>(), *dv_p = dv.data_ptr<T>();
   T* part_p = part.data();
-  auto* fn = use_avx2() ? &backward_unit_avx2<T> : &backward_unit_base<T>;
+  auto* fn = isa() == kAvx512 ? &backward_unit_avx512<T>
+             : isa() == kAvx2  ? &backward_unit_avx2<T> : &backward_unit_base<T>;
   const double macs = 5.0 * a.G * a.Tq * a.Tk * a.d;
   varformer_cpu::run_blocks<FlushedScratch<T>>(
       units, call_threads(macs, units), [] { return FlushedScratch<T>(); },
@@ -608,7 +816,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   return {dq, dk, dv};
 }
 
-std::string attention_isa() { return use_avx2() ? "avx2" : "baseline"; }
+std::string attention_isa() {
+  return isa() == kAvx512 ? "avx512" : (isa() == kAvx2 ? "avx2" : "baseline");
+}
 
 }  // namespace
 }  // namespace varformer_attention

@@ -8,12 +8,12 @@ Implementations behind ``torch.ops.varformer.mediator_attention`` (chosen by ``_
 
 * ``triton`` — ``varformer.kernels.mediator_attention``: two flash-style stages, split-KV for
   stage 1, recomputing backward; no N×L / L×N map in forward or backward.
-* ``cpu`` — float32/float64 on CPUs whose widest ISA is AVX2: the C++ kernel of
+* ``cpu`` — float32/float64 on CPUs with AVX2+FMA or AVX-512: the C++ kernel of
   ``csrc/attention_cpu.cpp`` (``torch.ops.varformer_ext.attention_fwd/_bwd``, one call per
-  stage: tiles of query blocks x key chunks with the scores in cache, an AVX2+FMA register-tiled
-  GEMM, load-aware threads, deterministic partial sums). Otherwise (AVX-512 CPUs, where MKL's
-  AVX-512 GEMMs were measured and this kernel was not; float16/bfloat16; no C++ build): PyTorch's
-  flash CPU kernels (no N×L maps), each stage cut into units (query blocks; key chunks merged by
+  stage: tiles of query blocks x key chunks with the scores in cache, a register-tiled GEMM for
+  the CPU's widest ISA — 6x16 AVX2, 12x32 AVX-512 —, load-aware threads, deterministic partial
+  sums). Otherwise (float16/bfloat16; CPUs without AVX2; no C++ build): PyTorch's flash CPU
+  kernels (no N×L maps), each stage cut into units (query blocks; key chunks merged by
   log-sum-exp) that single-threaded worker threads pull dynamically. ``CPU_KERNEL`` forces one.
 * ``reference`` — plain matmul/softmax in fp32 (fp64 for fp64 inputs) with an explicit backward.
 
@@ -309,8 +309,8 @@ def _cpu_attention_bwd(do, q, k, v, out, lse, scale, workers):
     return dq, dk, dv
 
 
-# "auto": the C++ kernel where it is built, the CPU's widest ISA is AVX2 and the dtype float32
-# or float64; "csrc": the C++ kernel for float32/float64 (an error if it is unavailable);
+# "auto": the C++ kernel where it is built, has a register tile for this CPU (AVX2 or AVX-512)
+# and the dtype is float32 or float64; "csrc": the C++ kernel for float32/float64 (an error if it is unavailable);
 # "flash": PyTorch's flash kernels in units. Process-wide; for tests and benchmarks.
 CPU_KERNEL = {"value": "auto"}
 _EXT_FWD = "varformer_ext::attention_fwd"
@@ -351,12 +351,12 @@ def _use_csrc(dtype: torch.dtype) -> bool:
         return True
     if not ok:
         return False
-    from . import _ext
-    try:
-        widest = _ext.cpu_isa("auto")
-    except RuntimeError:
-        return False
-    return widest == "avx2" and torch.ops.varformer_ext.attention_isa() == "avx2"
+    return _kernel_isa() in ("avx2", "avx512")
+
+
+def _kernel_isa() -> str:
+    """The C++ kernel's register-tile variant in this process: avx512, avx2 or baseline."""
+    return torch.ops.varformer_ext.attention_isa()
 
 
 def _heads_flat(t: Tensor) -> Tensor:
