@@ -7,11 +7,13 @@ time shows the work done (spin-waiting included). ISA and threads as set by the 
 e.g. ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2``.
 
 Run: ``python benchmarks/profile_mediator_cpu.py [--shape B,H,N,L,d] [--mode fwd|fwd+bwd]
-[--rounds R] [--impls eager,fused,sdpa]``.
+[--rounds R] [--impls eager,fused,sdpa]``. ``fused:csrc`` / ``fused:flash`` run the fused op on
+one CPU kernel (``mediator_attention.CPU_KERNEL``), e.g. ``--impls eager,fused:flash,fused:csrc``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import resource
 import statistics
@@ -21,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from varformer.ops import mediator_attention, mediator_attention_official
+
+_mam = importlib.import_module("varformer.ops.mediator_attention")
 
 
 def _cpu_ms(a, b):
@@ -36,8 +40,17 @@ def _call(impl, shape, mode):
         fn = lambda q, a, k, v: mediator_attention_official(q, a, k, v, scale)  # noqa: E731
     else:
         ts = [t.reshape(B, H, d, -1).transpose(-1, -2).contiguous() for t in ts]
-        fn = mediator_attention if impl == "fused" else (
-            lambda q, m, k, v: F.scaled_dot_product_attention(
+        if impl.startswith("fused"):
+            kernel = impl.partition(":")[2] or "auto"
+
+            def fn(*a):
+                saved, _mam.CPU_KERNEL["value"] = _mam.CPU_KERNEL["value"], kernel
+                try:
+                    return mediator_attention(*a)
+                finally:
+                    _mam.CPU_KERNEL["value"] = saved
+        else:
+            fn = (lambda q, m, k, v: F.scaled_dot_product_attention(
                 q, m, F.scaled_dot_product_attention(m, k, v)))
     if mode == "fwd":
         def call():
@@ -77,12 +90,14 @@ def main(argv=None):
             t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             wall[i].append((t1 - t0) * 1e3)
             cpu[i].append(_cpu_ms(r0, r1))
+    isa = torch.ops.varformer_ext.attention_isa() if _mam.cpu_kernel_status()[0] else "none"
     print(f"mediator attention B,H,N,L,d={shape} {args.mode} fp32, ISA "
           f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
-          f"loadavg {load0:.1f} -> {os.getloadavg()[0]:.1f}, {args.rounds} interleaved rounds")
+          f"mediator kernel {isa}, loadavg {load0:.1f} -> {os.getloadavg()[0]:.1f}, "
+          f"{args.rounds} interleaved rounds")
     base = impls[0]
     for i in impls:
-        print(f"  {i:<6} wall least {min(wall[i]):9.1f} ms  median {statistics.median(wall[i]):9.1f}"
+        print(f"  {i:<11} wall least {min(wall[i]):9.1f} ms  median {statistics.median(wall[i]):9.1f}"
               f"  cpu least {min(cpu[i]):9.1f} ms  | {base} / {i}: least "
               f"{min(wall[base]) / min(wall[i]):.2f}x, median "
               f"{statistics.median(wall[base]) / statistics.median(wall[i]):.2f}x, cpu "
