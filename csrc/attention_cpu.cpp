@@ -9,8 +9,9 @@
 // tile's score block stays in a per-thread buffer (L2) and every product runs through one
 // packed-panel GEMM over B panels of 16 columns. float32 register tiles by the CPU's widest ISA
 // (VARFORMER_CPU_ISA=avx2|baseline narrows it; attention_isa() reports it):
-//   avx512  12 x 32 (two panels): A packed per tile as [K][12], 24 zmm accumulators, per k two
-//           loads and 12 broadcasts; edges by masked stores
+//   avx512  12 x 32 (two panels): 24 zmm accumulators, per k two loads and 12 broadcasts; A
+//           read in place where row-major, else packed as [K][12] (16 x 16 zmm transposes for
+//           the transposed operands); edges by masked stores
 //   avx2    6 x 16, A read in place: 12 ymm accumulators, per k two loads and 6 broadcasts
 //   portable (float64, other CPUs) 6 x 16, vectorised by the compiler.
 //
@@ -30,6 +31,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
 #include "cpu_math.h"
 #include "cpu_threads.h"
 
@@ -56,16 +58,10 @@ constexpr int64_t kQB = 144;    // query rows of a tile (96, 144, 192 x 256, 384
 constexpr int64_t kKC = 256;    // keys of a tile
 constexpr int64_t kGroups = 8;  // units of a call over all heads (fixed: not the thread count)
 
-enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
-
-#if defined(__x86_64__) || defined(__i386__)
-#define VF_AVX512 \
-  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
-#define VF_AVX2 __attribute__((target("avx2,fma")))
-#else  // other architectures: only the portable variant is ever chosen (detect_isa)
-#define VF_AVX512
-#define VF_AVX2
-#endif
+using varformer_cpu::Isa;
+using varformer_cpu::kAvx2;
+using varformer_cpu::kAvx512;
+using varformer_cpu::kBase;
 
 // Element (r, c) of a strided matrix view: p[r * rs + c * cs].
 template <typename T>
@@ -259,10 +255,11 @@ VF_AVX512 void gemm_packed_avx512(int64_t M, int64_t N, int64_t K, float alpha,
                                   const View<float>& A, const float* panels, float beta,
                                   float* C, int64_t ldc, float* __restrict apk) {
   const int64_t pstride = K * kNR;
+  const auto in_place = [&](int64_t mr) { return A.cs == 1 && mr == kMR5; };
   for (int64_t m0 = 0; m0 < M; m0 += kMR5) {
     const int64_t mr = std::min(kMR5, M - m0);
     float* __restrict tp = apk + (m0 / kMR5) * K * kMR5;
-    if (A.cs == 1 && mr == kMR5) continue;   // read in place
+    if (in_place(mr)) continue;
     if (A.rs == 1) {
       for (int64_t k = 0; k < K; ++k) {
         const float* __restrict src = A.p + m0 + k * A.cs;
@@ -285,7 +282,7 @@ VF_AVX512 void gemm_packed_avx512(int64_t M, int64_t N, int64_t K, float alpha,
     for (int64_t m0 = 0; m0 < M; m0 += kMR5) {
       const int64_t mr = std::min(kMR5, M - m0);
       float* c = C + m0 * ldc + n0;
-      if (A.cs == 1 && mr == kMR5) {
+      if (in_place(mr)) {
         const float* ar = A.p + m0 * A.rs;
         if (nr > kNR) tile_avx512<2, true>(K, ar, A.rs, bp, pstride, mr, nr, alpha, beta, c, ldc);
         else tile_avx512<1, true>(K, ar, A.rs, bp, pstride, mr, nr, alpha, beta, c, ldc);
@@ -615,29 +612,7 @@ void backward_unit_base(const Args<T>& a, int64_t u, int64_t groups, bool by_q, 
 }
 
 // ------------------------------------------------------------------------------ ISA, threads
-// The widest variant this CPU runs; VARFORMER_CPU_ISA=avx2|baseline narrows it (never widens).
-Isa detect_isa() {
-  Isa best = kBase;
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = kAvx2;
-  if (best == kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-    best = kAvx512;
-#endif
-  const char* env = std::getenv("VARFORMER_CPU_ISA");
-  if (env != nullptr) {
-    const std::string want(env);
-    if (want == "baseline") best = kBase;
-    else if (want == "avx2" && best >= kAvx2) best = kAvx2;
-  }
-  return best;
-}
-
-Isa isa() {
-  static const Isa chosen = detect_isa();
-  return chosen;
-}
+Isa isa() { return varformer_cpu::widest_isa(); }
 
 // Threads for `macs` multiply-adds over `units` units: none beyond one per 2^20 multiply-adds,
 // and on a busy machine at most the CPUs other processes leave free.
@@ -816,9 +791,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   return {dq, dk, dv};
 }
 
-std::string attention_isa() {
-  return isa() == kAvx512 ? "avx512" : (isa() == kAvx2 ? "avx2" : "baseline");
-}
+std::string attention_isa() { return varformer_cpu::isa_name(isa()); }
 
 }  // namespace
 }  // namespace varformer_attention

@@ -23,7 +23,7 @@
 // only the blocks it holds; small calls run serially and a busy machine gets fewer threads
 // (see call_threads). The kernels are compiled for AVX-512, AVX2+FMA and the build's
 // baseline with function-local target attributes and chosen at run time from the CPU
-// (VARFORMER_CPU_ISA=avx512|avx2|baseline forces one; window_attention_isa() reports it).
+// (VARFORMER_CPU_ISA=avx2|baseline narrows it, cpu_isa.h; window_attention_isa() reports it).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -31,6 +31,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
 #include "cpu_math.h"
 #include "cpu_threads.h"
 
@@ -433,15 +434,6 @@ VF_INLINE void backward_range(const BwdArgs<T>& a, int64_t i0, int64_t i1, Scrat
   }
 }
 
-#if defined(__x86_64__) || defined(__i386__)
-#define VF_AVX512 \
-  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
-#define VF_AVX2 __attribute__((target("avx2,fma")))
-#else  // other architectures: only the baseline variant is ever chosen (detect_isa)
-#define VF_AVX512
-#define VF_AVX2
-#endif
-
 template <typename T>
 VF_AVX512 void forward_avx512(const FwdArgs<T>& a, int64_t i0, int64_t i1, Scratch<T>& sc) {
   forward_range<T, 8>(a, i0, i1, sc);
@@ -469,41 +461,14 @@ void backward_base(const BwdArgs<T>& a, int64_t i0, int64_t i1, Scratch<T>& sc, 
   backward_range<T, 2>(a, i0, i1, sc, part);
 }
 
-enum class Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+using varformer_cpu::Isa;
 
-Isa detect_isa() {
-  Isa best = Isa::kBase;
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq"))
-    best = Isa::kAvx512;
-#endif
-  const char* env = std::getenv("VARFORMER_CPU_ISA");
-  if (env != nullptr) {
-    const std::string want(env);
-    // A request is honoured only up to what the CPU supports.
-    if (want == "baseline") best = Isa::kBase;
-    else if (want == "avx2" && best >= Isa::kAvx2) best = Isa::kAvx2;
-  }
-  return best;
-}
-
-Isa isa() {
-  static const Isa chosen = detect_isa();
-  return chosen;
-}
-
-const char* isa_name(Isa i) {
-  return i == Isa::kAvx512 ? "avx512" : (i == Isa::kAvx2 ? "avx2" : "baseline");
-}
+Isa isa() { return varformer_cpu::widest_isa(); }
 
 template <typename T>
 void forward_all(const FwdArgs<T>& a) {
-  auto* fn = isa() == Isa::kAvx512 ? &forward_avx512<T>
-             : isa() == Isa::kAvx2 ? &forward_avx2<T> : &forward_base<T>;
+  auto* fn = isa() == varformer_cpu::kAvx512 ? &forward_avx512<T>
+             : isa() == varformer_cpu::kAvx2 ? &forward_avx2<T> : &forward_base<T>;
   const int64_t items = a.g.items;
   const int64_t threads = call_threads(2 * items * a.g.N * a.g.N * a.g.hd);
   const int64_t per = std::max<int64_t>(1, items / (8 * threads));   // ~8 blocks per thread
@@ -515,8 +480,8 @@ void forward_all(const FwdArgs<T>& a) {
 
 template <typename T>
 void backward_all(const BwdArgs<T>& a, int64_t chunks) {
-  auto* fn = isa() == Isa::kAvx512 ? &backward_avx512<T>
-             : isa() == Isa::kAvx2 ? &backward_avx2<T> : &backward_base<T>;
+  auto* fn = isa() == varformer_cpu::kAvx512 ? &backward_avx512<T>
+             : isa() == varformer_cpu::kAvx2 ? &backward_avx2<T> : &backward_base<T>;
   const int64_t items = a.g.items;
   varformer_cpu::run_blocks<Scratch<T>>(
       chunks, call_threads(5 * items * a.g.N * a.g.N * a.g.hd),
@@ -616,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_bwd(
   return {dqkv, dtable};
 }
 
-std::string window_attention_isa() { return isa_name(isa()); }
+std::string window_attention_isa() { return varformer_cpu::isa_name(isa()); }
 
 }  // namespace
 }  // namespace varformer_window

@@ -18,6 +18,17 @@ ON_GPU = DEVICE == "cuda"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def cpu_flags() -> set:
+    """The flags of the first CPU in /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0]
+    except OSError:
+        return set()
+    return {w for line in first.splitlines() if line.startswith("flags")
+            for w in line.partition(":")[2].split()}
+
+
 def run_with_isa(script: str, variant: str) -> str:
     """Runs `script` in a fresh interpreter with VARFORMER_CPU_ISA=variant (the C++ kernels
     choose their ISA once per process); returns its stdout, asserting that it exited 0."""

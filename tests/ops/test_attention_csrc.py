@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import rel_err, run_with_isa
+from tests.conftest import cpu_flags, rel_err, run_with_isa
 from varformer.ops import mediator_attention, mediator_attention_reference
 
 mam = importlib.import_module("varformer.ops.mediator_attention")
@@ -243,16 +243,11 @@ _VARIANT_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _cpu_flags() -> set:
-    with open("/proc/cpuinfo") as f:
-        return set(f.read().split("\n\n")[0].replace("\t", " ").split())
-
-
 @pytest.mark.parametrize("variant", ["avx512", "avx2", "baseline"])
 def test_every_isa_variant(variant):
     """Each register-tile variant against float64 (forward and backward), in a fresh process
     with VARFORMER_CPU_ISA set; a variant this CPU cannot run is skipped."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     need = {"avx512": {"avx512f", "avx512vl", "avx512bw", "avx512dq", "fma"},
             "avx2": {"avx2", "fma"}, "baseline": set()}[variant]
     if not need <= flags:

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import TOL, rel_err, run_with_isa
+from tests.conftest import TOL, cpu_flags, rel_err, run_with_isa
 from tests.ops.test_window_attention import eager_swin
 from varformer.ops import window_attention
 
@@ -248,17 +248,9 @@ _VARIANT_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return f.read().split("\n\n")[0]
-    except OSError:
-        return ""
-
-
 @pytest.mark.parametrize("variant", ["avx512", "avx2", "baseline"])
 def test_every_isa_variant(variant):
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if variant == "avx512" and "avx512bw" not in flags:
         pytest.skip("this CPU has no AVX-512")
     if variant == "avx2" and "avx2" not in flags:

@@ -49,6 +49,7 @@ CPU_SOURCES = (
 )
 CUDA_SOURCES = ("vq_lookup_cuda.cu",)
 HEADERS = (                             # included by the sources; part of the build name's hash
+    "cpu_isa.h",
     "cpu_math.h",
     "cpu_threads.h",
     "vq_lookup_checks.h",

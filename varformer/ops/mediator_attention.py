@@ -310,7 +310,8 @@ def _cpu_attention_bwd(do, q, k, v, out, lse, scale, workers):
 
 
 # "auto": the C++ kernel where it is built, has a register tile for this CPU (AVX2 or AVX-512)
-# and the dtype is float32 or float64; "csrc": the C++ kernel for float32/float64 (an error if it is unavailable);
+# and the dtype is float32 or float64; "csrc": the C++ kernel for float32/float64 (an error if
+# it is unavailable);
 # "flash": PyTorch's flash kernels in units. Process-wide; for tests and benchmarks.
 CPU_KERNEL = {"value": "auto"}
 _EXT_FWD = "varformer_ext::attention_fwd"
