@@ -10,7 +10,9 @@ forces ``auto``):
   before the kernels are first imported; that is how the tests run them without a GPU.
 * ``reference``: the plain PyTorch composition next to each op (slow, materialises everything).
 
-A request that the chosen backend cannot serve raises an error that says why.
+A request that the chosen backend cannot serve raises an error that says why. A backward runs
+on the request its forward saw (so ``with use_fused_kernels(False): loss = f(x)`` followed by
+``loss.backward()`` outside the block differentiates the reference path too).
 """
 from __future__ import annotations
 
@@ -84,11 +86,15 @@ def triton_status(device_type: str) -> tuple[bool, str]:
     return False, f"no Triton backend for device type {device_type!r}"
 
 
-def select(op: str, x: torch.Tensor, cpu_path: str = "cpu") -> str:
-    """Backend name for one call of ``op`` whose main input is ``x``.
+def select(op: str, x: torch.Tensor, cpu_path: str = "cpu", want: str | None = None) -> str:
+    """Backend name for one call of ``op`` whose main input is ``x``, for the request ``want``
+    (default: ``requested()`` now; a backward passes the request its forward saw).
 
     Returns ``"triton"``, ``"reference"`` or ``cpu_path`` (the op's CPU implementation)."""
-    want = requested()
+    want = requested() if want is None else want
+    if want not in BACKENDS:
+        raise ValueError(f"varformer.ops.{op}: backend request {want!r}: expected one of "
+                         f"{', '.join(BACKENDS)}")
     dev = x.device.type
     if want == "reference":
         return "reference"

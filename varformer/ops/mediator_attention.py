@@ -448,19 +448,22 @@ def _(q, m, k, v, scale):
 @torch.library.custom_op("varformer::mediator_attention_backward", mutates_args=())
 def _mediator_attention_backward_op(grad_out: Tensor, grad_summary: Optional[Tensor], q: Tensor,
                                     m: Tensor, k: Tensor, v: Tensor, out: Tensor, summary: Tensor,
-                                    lse_summary: Tensor, lse_out: Tensor,
-                                    scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (grad_q, grad_m, grad_k, grad_v), recomputed from the saved log-sum-exps."""
+                                    lse_summary: Tensor, lse_out: Tensor, scale: float,
+                                    backend: str = "auto") -> tuple[Tensor, Tensor, Tensor,
+                                                                    Tensor]:
+    """-> (grad_q, grad_m, grad_k, grad_v), recomputed from the saved log-sum-exps; ``backend``:
+    the request (auto, triton, reference) the forward ran under."""
     if q.numel() == 0:
         return _bwd_reference(grad_out, grad_summary, q, m, k, v, out, summary, lse_summary,
                               lse_out, scale)
-    grads = _BWD[_dispatch.select(OP, q)](grad_out.contiguous(), grad_summary, q, m, k, v, out,
+    grads = _BWD[_dispatch.select(OP, q, want=backend)](grad_out.contiguous(), grad_summary, q, m, k, v, out,
                                            summary, lse_summary, lse_out, scale)
     return tuple(g.contiguous() for g in grads)  # the fake promises dense gradients
 
 
 @_mediator_attention_backward_op.register_fake
-def _(grad_out, grad_summary, q, m, k, v, out, summary, lse_summary, lse_out, scale):
+def _(grad_out, grad_summary, q, m, k, v, out, summary, lse_summary, lse_out, scale,
+      backend="auto"):
     return q.new_empty(q.shape), m.new_empty(m.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -469,6 +472,7 @@ def _setup_context(ctx, inputs, output):
     out, summary, lse_s, lse_o = output
     ctx.save_for_backward(q, m, k, v, out, summary, lse_s, lse_o)
     ctx.scale = scale
+    ctx.backend = _dispatch.requested()     # the backward differentiates the path that ran
     ctx.mark_non_differentiable(lse_s, lse_o)
 
 
@@ -477,7 +481,8 @@ def _backward(ctx, grad_out, grad_summary, _grad_lse_s, _grad_lse_o):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dm, dk, dv = _mediator_attention_backward_op(grad_out, grad_summary, q, m, k, v, out,
-                                                     summary, lse_s, lse_o, ctx.scale)
+                                                     summary, lse_s, lse_o, ctx.scale,
+                                                     ctx.backend)
     return dq, dm, dk, dv, None
 
 

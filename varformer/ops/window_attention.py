@@ -401,16 +401,17 @@ def _(qkv, rpb_table, window_size, shift_size, num_heads, scale):
 @torch.library.custom_op("varformer::window_attention_backward", mutates_args=())
 def _window_attention_backward_op(grad_out: Tensor, qkv: Tensor, rpb_table: Tensor, out: Tensor,
                                   lse: Tensor, window_size: int, shift_size: int, num_heads: int,
-                                  scale: float) -> tuple[Tensor, Tensor]:
-    """-> (grad_qkv, grad_rpb_table)."""
-    path = "reference" if qkv.numel() == 0 else _dispatch.select(OP, qkv)
+                                  scale: float, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """-> (grad_qkv, grad_rpb_table); ``backend``: the request the forward ran under."""
+    path = "reference" if qkv.numel() == 0 else _dispatch.select(OP, qkv, want=backend)
     dqkv, dtable = _BWD[path](grad_out, qkv, rpb_table, out, lse, window_size, shift_size,
                               num_heads, scale)
     return dqkv.contiguous(), dtable.contiguous()
 
 
 @_window_attention_backward_op.register_fake
-def _(grad_out, qkv, rpb_table, out, lse, window_size, shift_size, num_heads, scale):
+def _(grad_out, qkv, rpb_table, out, lse, window_size, shift_size, num_heads, scale,
+      backend="auto"):
     return qkv.new_empty(qkv.shape), rpb_table.new_empty(rpb_table.shape)
 
 
@@ -418,7 +419,7 @@ def _setup_context(ctx, inputs, output):
     qkv, table, ws, shift, nh, scale = inputs
     out, lse = output
     ctx.save_for_backward(qkv, table, out, lse)
-    ctx.args = (ws, shift, nh, scale)
+    ctx.args = (ws, shift, nh, scale, _dispatch.requested())   # backward: the forward's path
     ctx.mark_non_differentiable(lse)
 
 
