@@ -120,6 +120,31 @@ def test_fused_and_reference_paths_agree(lq, monkeypatch):
     torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_cpu_forward_and_backward_follow_the_machine_load(lq, monkeypatch, fused):
+    """On a busy machine the fused model's forward and its backward run on the free CPUs'
+    threads (here: one), torch's count restored after each; reference ops keep it."""
+    from varformer.ops import _ext
+    torch.manual_seed(0)
+    m = VarFormer.small("paper").train()
+    m.use_fused_kernels = fused
+    seen = {"fwd": [], "bwd": []}
+    m.encoder.register_forward_hook(lambda *a: seen["fwd"].append(torch.get_num_threads()))
+    m.main_decoder.norm_out.weight.register_hook(lambda g: seen["bwd"].append(torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(_ext, "load_aware_threads", lambda want=None: 1)
+    try:
+        torch.set_num_threads(2)
+        out, lq_feat, _ = m(lq, return_all=True)
+        assert torch.get_num_threads() == 2
+        (out.abs().mean() + lq_feat.square().mean()).backward()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    want = 1 if fused else 2
+    assert seen == {"fwd": [want], "bwd": [want]}
+
+
 def test_from_pretrained_formats_and_errors(small, lq, tmp_path):
     sd = small.state_dict()
     with torch.no_grad():

@@ -28,7 +28,10 @@ Modes (``mode``):
 
 ``use_fused_kernels`` (None: the dispatch rule, fused on CUDA; False: every op on its PyTorch
 reference) and ``checkpoint_levels`` (activation checkpointing of the prior modules) change no
-parameter or state-dict key.
+parameter or state-dict key. On CPU the fused model runs each forward, and the backward from its
+outputs, on the threads other processes leave free (``varformer.ops._ext.load_aware``; at
+least one, all of torch's on a quiet machine; ``VARFORMER_LOAD_AWARE=0`` turns it off): on an
+oversubscribed machine its many short parallel regions otherwise wait on descheduled threads.
 
 Module and parameter names equal the official ``VarFormer2`` (``checkpoints/
 varformer_released_d16_state_dict.tsv``): the VQVAE and VAR parts sit at the top level as there.
@@ -45,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from varformer.ops import _dispatch
+from varformer.ops import _dispatch, _ext
 from varformer.ops.mediator_attention import MediatorAttention
 from varformer.ops.quantizer import VAR_PATCH_NUMS, MultiScaleQuantizer
 from varformer.ops.swin import ResidualSwinTransformerBlock
@@ -545,10 +548,17 @@ class VarFormer(nn.Module):
         ``return_all`` -> (restored, lq_feat [B, 32, 16, 16], logits [B, 680, V]) for the
         losses."""
         self._check_lq(lq)
-        if self.use_fused_kernels is None:
-            return self._forward(lq, return_all)
-        with _dispatch.use_fused_kernels(self.use_fused_kernels):
-            return self._forward(lq, return_all)
+        with contextlib.ExitStack() as stack:
+            if self.use_fused_kernels is not None:
+                stack.enter_context(_dispatch.use_fused_kernels(self.use_fused_kernels))
+            load_aware = (lq.device.type == "cpu" and _dispatch.requested() != "reference"
+                          and not torch.compiler.is_compiling())
+            if load_aware:
+                stack.enter_context(_ext.load_aware())
+            out = self._forward(lq, return_all)
+        if load_aware and torch.is_grad_enabled():
+            _ext.load_aware_backward(*(out if isinstance(out, tuple) else (out,)))
+        return out
 
     def _forward(self, lq: Tensor, return_all: bool):
         h, e_vq = self.encoder(lq, return_features=True)

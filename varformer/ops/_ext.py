@@ -24,6 +24,7 @@ torch's (``TORCH_EXTENSIONS_DIR`` if set).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -297,6 +298,49 @@ def load_aware_threads(want: int | None = None) -> int:
     except (OSError, ValueError, IndexError):
         return want
     return max(1, min(want, _ncpu() - max(0, running - want)))
+
+
+@contextlib.contextmanager
+def load_aware(want: int | None = None):
+    """The block on ``load_aware_threads(want)`` torch threads, torch's count restored after;
+    nothing changes on a quiet machine. For CPU sections of many short parallel regions (the VQ
+    loop, a whole model forward), which collapse when team threads are descheduled."""
+    before = torch.get_num_threads()
+    use = load_aware_threads(before if want is None else want)
+    if use == before:
+        yield
+        return
+    torch.set_num_threads(use)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def load_aware_backward(*outputs) -> None:
+    """Runs the backward that reaches ``outputs`` (tensors, others ignored) on
+    ``load_aware_threads()`` torch threads, decided when it reaches the first of them, and
+    restores torch's count when that backward ends. CPU backward runs on the thread that
+    called ``backward()``, so the count applies to its whole graph. No-op on a quiet machine,
+    for tensors without grad and under torch.compile."""
+    outs = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not outs or torch.compiler.is_compiling():
+        return
+    state = {"armed": True}
+
+    def hook(grad):
+        if state["armed"]:
+            state["armed"] = False
+            before = torch.get_num_threads()
+            use = load_aware_threads(before)
+            if use != before:
+                torch.set_num_threads(use)
+                torch.autograd.Variable._execution_engine.queue_callback(
+                    lambda: torch.set_num_threads(before))
+        return grad
+
+    for t in outs:
+        t.register_hook(hook)
 
 
 def cpu_backend_info() -> dict:

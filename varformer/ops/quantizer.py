@@ -227,15 +227,8 @@ class MultiScaleQuantizer(nn.Module):
             # CPU: ~10 short parallel regions per scale; on an oversubscribed machine run them
             # on the CPUs other processes leave free (one thread when none), see _ext.
             from . import _ext
-            want = torch.get_num_threads()
-            use = _ext.load_aware_threads(want)
-            if use == want:
+            with _ext.load_aware():
                 return self._loop_fp32(f, patch_hws, sq, every_fhat)
-            torch.set_num_threads(use)
-            try:
-                return self._loop_fp32(f, patch_hws, sq, every_fhat)
-            finally:
-                torch.set_num_threads(want)
 
     def _loop_fp32(self, f: Tensor, patch_hws, sq: Optional[Tensor] = None,
                    every_fhat: bool = True):
