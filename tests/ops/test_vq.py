@@ -299,6 +299,11 @@ def test_load_aware_threads_bounds(monkeypatch):
     assert 1 <= _ext.load_aware_threads(8) <= 8
     monkeypatch.setenv("VARFORMER_LOAD_AWARE", "0")
     assert _ext.load_aware_threads(8) == 8
+    monkeypatch.delenv("VARFORMER_LOAD_AWARE")
+    for samples, want in (([1, 8], 8), ([1, 1, 3], 3), ([1, 1, 1, 8], 1), ([8], 8)):
+        seq = iter(samples)            # fewer threads only when the load persists over samples
+        monkeypatch.setattr(_ext, "_free_threads", lambda w: next(seq))
+        assert _ext.load_aware_threads(8) == want, samples
 
 
 def test_load_aware_sections_restore_the_thread_count(monkeypatch):

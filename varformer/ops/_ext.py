@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -292,6 +293,16 @@ def load_aware_threads(want: int | None = None) -> int:
     want = torch.get_num_threads() if want is None else int(want)
     if want <= 1 or os.environ.get("VARFORMER_LOAD_AWARE", "1").strip().startswith("0"):
         return max(1, want)
+    use = _free_threads(want)
+    for _ in range(2):      # fewer only if it persists: one transient thread (a daemon's, a
+        if use == want:     # worker still spinning) must not halve a quiet machine's section
+            break
+        time.sleep(5e-4)
+        use = max(use, _free_threads(want))
+    return use
+
+
+def _free_threads(want: int) -> int:
     try:
         with open("/proc/loadavg") as f:
             running = int(f.read().split()[3].split("/")[0])
