@@ -212,8 +212,26 @@ def _affinity_cpus() -> int:
         return os.cpu_count() or 1
 
 
-_FMA_PEAK: dict = {}    # threads -> (GFLOP/s or None, variant name or why not measured)
+_FMA_PEAK: dict = {}    # (threads, variant) -> (GFLOP/s or None, variant or why not measured)
 FMA_PEAK_SECONDS = 0.3  # one measurement's length (best of 5 repeats inside the C++ loop)
+
+# variables that make this process run narrower code than the CPU could (our kernels, ATen's
+# vectorised ops, MKL, oneDNN): tables name them, and the roofline follows VARFORMER_CPU_ISA
+ISA_LIMIT_VARS = ("VARFORMER_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                  "ONEDNN_MAX_CPU_ISA")
+_LANES = {"avx512": 16, "avx2": 8, "scalar": 1}
+
+
+def isa_limits() -> str:
+    """The ISA-narrowing variables set in this process, "VAR=value ...", or "" for none."""
+    return " ".join(f"{k}={os.environ[k]}" for k in ISA_LIMIT_VARS if os.environ.get(k))
+
+
+def _fma_isa_request() -> str:
+    """The FMA loop's variant: VARFORMER_CPU_ISA's (baseline = scalar) where it narrows the
+    kernels, so that the peak is that of the code measured; else "" (the widest)."""
+    v = os.environ.get("VARFORMER_CPU_ISA", "").strip().lower()
+    return {"avx512": "avx512", "avx2": "avx2", "baseline": "scalar"}.get(v, "")
 
 
 def _fma_peak_op():
@@ -244,19 +262,21 @@ def measured_fma_peak_gflops(threads: int | None = None) -> float | None:
     """FP32 FMA peak measured on this machine (GFLOP/s): the C++ extension's loop of 12
     independent FMA chains per thread (AVX-512, AVX2+FMA or scalar, the widest the CPU runs) on
     ``threads`` threads (default torch's count; at most the CPUs this process may use), best of
-    5 repeats, about ``FMA_PEAK_SECONDS`` in all. Measured once per thread count and cached, so
-    call it before starting a ``BackgroundLoad``. None where the extension lacks the op."""
-    threads = _fma_threads(threads)
-    if threads not in _FMA_PEAK:
+    5 repeats, about ``FMA_PEAK_SECONDS`` in all; the variant ``VARFORMER_CPU_ISA`` names where
+    it is set. Measured once per thread count and variant and cached, so call it before
+    starting a ``BackgroundLoad``. None where the extension lacks the op."""
+    key = (_fma_threads(threads), _fma_isa_request())
+    if key not in _FMA_PEAK:
         op = _fma_peak_op()
         if op is None:
-            _FMA_PEAK[threads] = (None, "")
+            _FMA_PEAK[key] = (None, "")
         else:
             try:
-                _FMA_PEAK[threads] = (float(op(threads, FMA_PEAK_SECONDS)), _fma_peak_isa())
+                _FMA_PEAK[key] = (float(op(key[0], FMA_PEAK_SECONDS, key[1])),
+                                  key[1] or _fma_peak_isa())
             except Exception as exc:   # e.g. an older build of the op
-                _FMA_PEAK[threads] = (None, f"{type(exc).__name__}: {exc}".splitlines()[0])
-    return _FMA_PEAK[threads][0]
+                _FMA_PEAK[key] = (None, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    return _FMA_PEAK[key][0]
 
 
 def cpu_info(threads: int | None = None, bandwidth: bool = False, measure: bool = True) -> dict:
@@ -277,13 +297,20 @@ def cpu_info(threads: int | None = None, bandwidth: bool = False, measure: bool 
     except (AttributeError, OSError):
         cpus = None
     info = cpu_peak_model(text, cpus, threads)
+    narrow = _fma_isa_request()
+    if narrow and _LANES[narrow] < info["lanes"]:     # the estimate of the code that runs
+        info["peak_gflops_fp32"] *= _LANES[narrow] / info["lanes"]
+        info["peak_formula"] = info["peak_formula"].replace(
+            f"x {info['lanes']} lanes x", f"x {_LANES[narrow]} lanes ({narrow}) x")
+        info["lanes"] = _LANES[narrow]
+    info["isa_limits"] = isa_limits()
     info["threads"] = threads
     info["loadavg"] = loadavg()
     info["peak_gflops_measured"] = measured_fma_peak_gflops(threads) if measure else None
     info["peak_measured_how"] = ""
     if info["peak_gflops_measured"] is not None:
         n = _fma_threads(threads)
-        info["peak_measured_how"] = (f"FMA loop, {_FMA_PEAK[n][1]}, {n} thread"
+        info["peak_measured_how"] = (f"FMA loop, {_FMA_PEAK[(n, narrow)][1]}, {n} thread"
                                      f"{'s' if n != 1 else ''}")
     if bandwidth:
         info["bandwidth_gbs"] = memory_bandwidth_gbs()
@@ -320,7 +347,8 @@ def describe_device(device: str) -> str:
         p = torch.cuda.get_device_properties(0)
         return f"{p.name} ({p.multi_processor_count} SMs)"
     info = cpu_info(measure=False)
-    return f"CPU {info['model']} ({info['simd']}), {info['threads']} threads"
+    narrowed = f", narrowed to {_fma_isa_request()}" if _fma_isa_request() else ""
+    return f"CPU {info['model']} ({info['simd']}{narrowed}), {info['threads']} threads"
 
 
 # ------------------------------------------------------------------------------ run settings
@@ -903,7 +931,9 @@ def metadata(device: str, command: str, load: "BackgroundLoad | None" = None) ->
     info = cpu_info()
     la = info["loadavg"]
     return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "device": describe_device(device), "cpu": info["model"], "isa": info["simd"],
+            "device": describe_device(device), "cpu": info["model"],
+            "isa": info["simd"] + (f" CPU, run narrowed by {info['isa_limits']}"
+                                   if info["isa_limits"] else ""),
             "isa_flags": " ".join(info["isa"]), "threads": info["threads"],
             "load": load.describe() if load is not None else "none",
             "loadavg": f"{la[0]:.2f} {la[1]:.2f} {la[2]:.2f}",

@@ -1,5 +1,6 @@
 """The benchmark harness: CPU peak model, background load, tables, summary, plots, and a smoke
 run of `varformer bench` end to end."""
+import argparse
 import csv
 import io
 import math
@@ -188,6 +189,35 @@ def test_fma_peak_op_variants():
     for args in ((0, 0.05), (1, 0.0), (1, 0.05, "sse9")):
         with pytest.raises(RuntimeError):
             op(*args)
+
+
+def test_narrowed_isa_is_stated_and_sets_the_roofline(monkeypatch):
+    """Under VARFORMER_CPU_ISA (and ATen/MKL/oneDNN limits) the header names the variables,
+    and the measured and estimated peaks are those of the narrower variant."""
+    if harness._fma_peak_op() is None:
+        pytest.skip("C++ extension unavailable")
+    for k in harness.ISA_LIMIT_VARS:
+        monkeypatch.delenv(k, raising=False)
+    wide = harness.cpu_info(threads=1)
+    assert wide["isa_limits"] == "" and "narrowed" not in harness.metadata("cpu", "x")["isa"]
+    if wide["lanes"] <= 1:
+        pytest.skip("no vector variant to narrow from")
+    monkeypatch.setenv("VARFORMER_CPU_ISA", "baseline")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    narrow = harness.cpu_info(threads=1)
+    assert narrow["isa_limits"] == "VARFORMER_CPU_ISA=baseline ATEN_CPU_CAPABILITY=default"
+    assert narrow["lanes"] == 1 and "x 1 lanes (scalar) x" in narrow["peak_formula"]
+    assert narrow["peak_gflops_fp32"] == pytest.approx(wide["peak_gflops_fp32"] / wide["lanes"])
+    assert narrow["peak_measured_how"].startswith("FMA loop, scalar, ")
+    assert narrow["peak_gflops_measured"] < wide["peak_gflops_measured"]
+    meta = harness.metadata("cpu", "x")
+    assert meta["isa"].endswith("CPU, run narrowed by VARFORMER_CPU_ISA=baseline "
+                                "ATEN_CPU_CAPABILITY=default")
+    assert "narrowed to scalar" in meta["device"]
+    args = argparse.Namespace(op="vq", dtype=None, threads=None, load=0, out=None, quick=True)
+    assert cli._bench_command(args, "cpu", False) == ("VARFORMER_CPU_ISA=baseline "
+                                                      "ATEN_CPU_CAPABILITY=default varformer "
+                                                      "bench --op vq --device cpu --quick")
 
 
 def test_peak_falls_back_to_the_estimate_without_the_op(monkeypatch):
@@ -427,8 +457,9 @@ def test_bench_smoke_run_end_to_end(tmp_path):
     assert "\n- threads: 1\n" in stdout
     assert "\n- load: --load 1 (1 processes x 1 busy threads)\n" in stdout
     assert f"- torch: {torch.__version__}" in stdout
-    assert "- command: `VARFORMER_BENCH_SMOKE=1 varformer bench --device cpu --threads 1 " \
-           "--load 1 --out" in stdout
+    limits = harness.isa_limits()                # the suite may run under ISA narrowing
+    assert f"- command: `{limits + ' ' if limits else ''}VARFORMER_BENCH_SMOKE=1 varformer " \
+           "bench --device cpu --threads 1 --load 1 --out" in stdout
     assert "machine load during the run: load average" in stdout
     for op in cli.OPS:
         assert f"\n## {op}\n" in stdout

@@ -14,7 +14,9 @@ OPS = {"mediator_attention": "varformer.benchmarks.bench_mediator_attention",
 
 def _bench_command(args, device: str, smoke: bool) -> str:
     """The command line that reproduces this run."""
-    parts = ["VARFORMER_BENCH_SMOKE=1"] if smoke else []
+    from varformer.benchmarks import harness
+    parts = harness.isa_limits().split()          # ISA-narrowing variables, when set
+    parts += ["VARFORMER_BENCH_SMOKE=1"] if smoke else []
     parts += ["varformer", "bench"]
     for flag, val in (("--op", args.op), ("--device", device), ("--dtype", args.dtype),
                       ("--threads", args.threads), ("--load", args.load or None),

@@ -309,18 +309,19 @@ def test_load_aware_threads_bounds(monkeypatch):
 def test_load_aware_sections_restore_the_thread_count(monkeypatch):
     """load_aware: the block on the free CPUs' threads; load_aware_backward: the backward from
     the marked outputs, decided when it reaches them, restored when it ends."""
+    import varformer.ops as vops                         # the public names of the helpers
     threads = torch.get_num_threads()
     monkeypatch.setattr(_ext, "load_aware_threads", lambda want=None: 1)   # a busy machine
     try:
         torch.set_num_threads(2)
-        with _ext.load_aware():
+        with vops.load_aware():
             inside = torch.get_num_threads()
         assert (inside, torch.get_num_threads()) == (1, 2)
         x = torch.randn(8, requires_grad=True)
         seen = []
         x.register_hook(lambda g: seen.append(torch.get_num_threads()))
         y = x * 3
-        _ext.load_aware_backward(y, "not a tensor", torch.zeros(1))
+        vops.load_aware_backward(y, "not a tensor", torch.zeros(1))
         assert torch.get_num_threads() == 2            # the forward is left alone
         y.sum().backward()
         assert seen == [1] and torch.get_num_threads() == 2
@@ -328,7 +329,7 @@ def test_load_aware_sections_restore_the_thread_count(monkeypatch):
         monkeypatch.setattr(_ext, "load_aware_threads", lambda want=None: want)   # quiet
         x.grad, seen[:] = None, []
         y = x * 3
-        _ext.load_aware_backward(y)
+        vops.load_aware_backward(y)
         y.sum().backward()
         assert seen == [2] and torch.get_num_threads() == 2
     finally:
