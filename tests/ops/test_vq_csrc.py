@@ -281,6 +281,24 @@ def test_sources_found():
     assert (root / "vq_lookup.cpp").is_file() and (root / "vq_lookup_cuda.cu").is_file()
 
 
+def test_build_name_is_per_checkout(tmp_path):
+    """The same sources in two folders (two checkouts) build under two names, so one does not
+    rebuild the other's library; a changed source or flag changes the name too."""
+    import shutil
+    names = {}
+    for where in ("a", "b"):
+        shutil.copytree(_ext.csrc_dir(), tmp_path / where)
+        src = [tmp_path / where / s for s in _ext.CPU_SOURCES]
+        names[where] = _ext._build_name(src, ["-O3"], cuda=False)
+        assert names[where] == _ext._build_name(src, ["-O3"], cuda=False)     # stable
+    assert names["a"] != names["b"]
+    src = [tmp_path / "a" / s for s in _ext.CPU_SOURCES]
+    assert _ext._build_name(src, ["-O2"], cuda=False) != names["a"]
+    with open(src[0], "a") as f:
+        f.write("\n// changed\n")
+    assert _ext._build_name(src, ["-O3"], cuda=False) != names["a"]
+
+
 def test_cuda_source_compiles_for_sm80_and_sm90():
     if _ext.find_nvcc() is None:
         pytest.skip("nvcc not found (CUDA_HOME, CUDA_PATH, /usr/local/cuda/bin, PATH)")

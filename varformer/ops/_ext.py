@@ -18,8 +18,9 @@ no pybind11, ``is_python_module=False``): from ``CPU_SOURCES`` on CPU-only machi
 once per ISA (avx512f, avx2+fma, portable) with target pragmas and picked at run time from the
 CPU, or from ``VARFORMER_CPU_ISA`` = avx512 | avx2 | baseline (for tests and benchmarks), so
 the flags are portable and a build cached on one machine is right on another. The library name
-carries a hash of the sources, headers, flags, torch's version (and the host CPU if a flag set
-used ``-march=native``), so a stale or foreign cached build is never loaded. The cache is
+carries a hash of the sources, headers, their folder, flags, torch's version (and the host CPU
+if a flag set used ``-march=native``), so a stale or foreign cached build is never loaded and
+two checkouts do not rebuild one build folder in turn. The cache is
 torch's (``TORCH_EXTENSIONS_DIR`` if set).
 """
 from __future__ import annotations
@@ -122,7 +123,11 @@ def _torch_cuda_reason() -> str:
 
 
 def _build_name(sources: list[Path], cflags: list[str], cuda: bool) -> str:
+    """varformer_ext_<hash of the sources' contents and folder, flags, torch version>. The
+    folder counts because the build files name the sources' paths: two checkouts sharing one
+    build folder would rebuild it in turn (and under each other's running processes)."""
     h = hashlib.sha256()
+    h.update(str(Path(sources[0]).resolve().parent).encode() + b"\0")
     for src in list(sources) + [sources[0].parent / name for name in HEADERS]:
         h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
     h.update(repr((cflags, CUDA_FLAGS if cuda else None, torch.__version__)).encode())
