@@ -28,7 +28,8 @@ from .vq import sqnorm as codebook_sqnorm
 from .vq import vq_area_lookup, vq_lookup, vq_lookup_eager
 from .window_attention import window_attention, window_attention_reference
 
-__all__ = ["backends", "use_fused_kernels", "load_aware", "load_aware_backward", "mediator_attention", "mediator_attention_reference",
+__all__ = ["backends", "use_fused_kernels", "load_aware", "load_aware_backward",
+           "mediator_attention", "mediator_attention_reference",
            "mediator_attention_official", "MediatorAttention", "window_attention",
            "window_attention_reference", "WindowAttention", "SwinTransformerBlock",
            "ResidualSwinTransformerBlock", "patch_swin", "unpatch_swin", "vq_lookup",
