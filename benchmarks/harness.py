@@ -22,12 +22,14 @@ import csv
 import dataclasses
 import datetime as _dt
 import gc
+import getpass
 import math
 import os
 import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -227,6 +229,25 @@ def isa_limits() -> str:
     return " ".join(f"{k}={os.environ[k]}" for k in ISA_LIMIT_VARS if os.environ.get(k))
 
 
+def isolate_inductor_cache() -> str:
+    """Where ``ATEN_CPU_CAPABILITY`` is set and ``TORCHINDUCTOR_CACHE_DIR`` is not, points the
+    latter at a folder of its own for that capability and returns it ("" otherwise). torch 2.13's
+    on-disk compile cache does not tell capabilities apart: a graph compiled at the default and
+    reused under ``ATEN_CPU_CAPABILITY=avx2`` returned NaN and 1e35 values, and a default run
+    after an avx2 one aborted with a heap corruption. Call before anything is compiled."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY", "").strip()
+    if not cap or os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return ""
+    try:
+        user = getpass.getuser()
+    except Exception:   # no user name in a container
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    path = os.path.join(tempfile.gettempdir(),
+                        re.sub(r"[^A-Za-z0-9_.-]", "_", f"torchinductor_{user}_aten_{cap}"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
+
+
 def _fma_isa_request() -> str:
     """The FMA loop's variant: VARFORMER_CPU_ISA's (baseline = scalar) where it narrows the
     kernels, so that the peak is that of the code measured; else "" (the widest)."""
@@ -301,7 +322,7 @@ def cpu_info(threads: int | None = None, bandwidth: bool = False, measure: bool 
     if narrow and _LANES[narrow] < info["lanes"]:     # the estimate of the code that runs
         info["peak_gflops_fp32"] *= _LANES[narrow] / info["lanes"]
         info["peak_formula"] = info["peak_formula"].replace(
-            f"x {info['lanes']} lanes x", f"x {_LANES[narrow]} lanes ({narrow}) x")
+            f"x {info['lanes']} lanes x", f"x {_LANES[narrow]} ({narrow}) lanes x")
         info["lanes"] = _LANES[narrow]
     info["isa_limits"] = isa_limits()
     info["threads"] = threads

@@ -9,6 +9,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("VARFORMER_BACKEND", "auto")
 
+from varformer.benchmarks import harness as _harness  # noqa: E402
+
+_harness.isolate_inductor_cache()   # a suite run under ATEN_CPU_CAPABILITY compiles apart
+
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

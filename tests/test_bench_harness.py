@@ -206,7 +206,7 @@ def test_narrowed_isa_is_stated_and_sets_the_roofline(monkeypatch):
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
     narrow = harness.cpu_info(threads=1)
     assert narrow["isa_limits"] == "VARFORMER_CPU_ISA=baseline ATEN_CPU_CAPABILITY=default"
-    assert narrow["lanes"] == 1 and "x 1 lanes (scalar) x" in narrow["peak_formula"]
+    assert narrow["lanes"] == 1 and "x 1 (scalar) lanes x" in narrow["peak_formula"]
     assert narrow["peak_gflops_fp32"] == pytest.approx(wide["peak_gflops_fp32"] / wide["lanes"])
     assert narrow["peak_measured_how"].startswith("FMA loop, scalar, ")
     assert narrow["peak_gflops_measured"] < wide["peak_gflops_measured"]
@@ -218,6 +218,19 @@ def test_narrowed_isa_is_stated_and_sets_the_roofline(monkeypatch):
     assert cli._bench_command(args, "cpu", False) == ("VARFORMER_CPU_ISA=baseline "
                                                       "ATEN_CPU_CAPABILITY=default varformer "
                                                       "bench --op vq --device cpu --quick")
+
+
+def test_inductor_cache_is_kept_apart_under_aten_cpu_capability(monkeypatch):
+    """Under ATEN_CPU_CAPABILITY (and no TORCHINDUCTOR_CACHE_DIR) compiled graphs get a cache of
+    their own; a cache folder the user chose, or no capability, is left alone."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert harness.isolate_inductor_cache() == "" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    path = harness.isolate_inductor_cache()
+    assert path.endswith("_aten_avx2") and os.environ["TORCHINDUCTOR_CACHE_DIR"] == path
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "mine")
+    assert harness.isolate_inductor_cache() == "" and os.environ["TORCHINDUCTOR_CACHE_DIR"] == "mine"
 
 
 def test_peak_falls_back_to_the_estimate_without_the_op(monkeypatch):

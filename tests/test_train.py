@@ -258,6 +258,26 @@ def _write_cfg(cfg, path):
     return str(path)
 
 
+@pytest.mark.parametrize("load_aware", [False, True])
+def test_training_thread_count_follows_the_load_only_when_asked(tmp_path, monkeypatch,
+                                                                load_aware):
+    """ATen's results depend on the thread count, so by default a run keeps it fixed (exact
+    --resume on a machine whose load changes); train.load_aware lets it follow the load."""
+    from varformer.ops import _ext
+    seen = []
+    original = Trainer._micro
+
+    def micro(self, batch, sync):
+        seen.append(_ext._FIXED[0])
+        return original(self, batch, sync)
+
+    monkeypatch.setattr(Trainer, "_micro", micro)
+    Trainer(tiny_cfg(train={"total_steps": 1, "load_aware": load_aware}),
+            str(tmp_path / "r")).train()
+    assert seen and all((n == 0) == load_aware for n in seen)
+    assert _ext._FIXED[0] == 0
+
+
 def test_ctrl_c_saves_last_step_and_resume_is_exact(tmp_path, monkeypatch, capsys):
     """Ctrl-C in the middle of step 3 (accumulation 2): exit 130, one line naming the steps and
     the --resume command, a checkpoint of step 2; resuming gives the uninterrupted weights."""

@@ -43,6 +43,7 @@ def _bench(args) -> int:
         return 0 if all(r["ok"] for r in rows) else 1
 
     from varformer.benchmarks import harness
+    harness.isolate_inductor_cache()    # compiled baselines under ATEN_CPU_CAPABILITY
 
     def fail(msg):
         print(f"varformer bench: {msg}", file=sys.stderr)

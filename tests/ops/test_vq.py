@@ -304,6 +304,13 @@ def test_load_aware_threads_bounds(monkeypatch):
         seq = iter(samples)            # fewer threads only when the load persists over samples
         monkeypatch.setattr(_ext, "_free_threads", lambda w: next(seq))
         assert _ext.load_aware_threads(8) == want, samples
+    monkeypatch.setattr(_ext, "_free_threads", lambda w: 1)      # a busy machine
+    import varformer.ops as vops
+    with vops.fixed_threads():                 # reproducible runs: the count stays put
+        with vops.fixed_threads():
+            assert _ext.load_aware_threads(8) == 8
+        assert _ext.load_aware_threads(8) == 8
+    assert _ext.load_aware_threads(8) == 1
 
 
 def test_load_aware_sections_restore_the_thread_count(monkeypatch):

@@ -16,9 +16,10 @@ Utilities:
     use_fused_kernels(enabled) — context manager: fused paths on (default rule) or off
     load_aware() — context manager: a CPU section on the threads other processes leave free
     load_aware_backward(*outputs) — the same for the backward that reaches ``outputs``
+    fixed_threads() — context manager: thread counts stay put (bit-reproducible runs)
 """
 from ._dispatch import backends, use_fused_kernels
-from ._ext import load_aware, load_aware_backward
+from ._ext import fixed_threads, load_aware, load_aware_backward
 from .mediator_attention import (MediatorAttention, mediator_attention,
                                  mediator_attention_official, mediator_attention_reference)
 from .swin import (ResidualSwinTransformerBlock, SwinTransformerBlock, WindowAttention,
@@ -29,7 +30,7 @@ from .vq import vq_area_lookup, vq_lookup, vq_lookup_eager
 from .window_attention import window_attention, window_attention_reference
 
 __all__ = ["backends", "use_fused_kernels", "load_aware", "load_aware_backward",
-           "mediator_attention", "mediator_attention_reference",
+           "fixed_threads", "mediator_attention", "mediator_attention_reference",
            "mediator_attention_official", "MediatorAttention", "window_attention",
            "window_attention_reference", "WindowAttention", "SwinTransformerBlock",
            "ResidualSwinTransformerBlock", "patch_swin", "unpatch_swin", "vq_lookup",

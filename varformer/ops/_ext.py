@@ -286,17 +286,36 @@ def _ncpu() -> int:
         return os.cpu_count() or 1
 
 
+_FIXED = [0]     # depth of fixed_threads() blocks (process-wide)
+
+
+@contextlib.contextmanager
+def fixed_threads():
+    """Inside, ``load_aware_threads`` returns what it is asked for: torch's thread count, and
+    every result of ATen's parallel reductions that depends on it, does not follow the
+    machine's load. For bit-reproducible runs (``varformer train`` uses it unless
+    ``train.load_aware`` is true). The C++ kernels' own rule stays: their results do not
+    depend on the thread count."""
+    _FIXED[0] += 1
+    try:
+        yield
+    finally:
+        _FIXED[0] -= 1
+
+
 def load_aware_threads(want: int | None = None) -> int:
     """Threads worth using for a CPU section that wants ``want`` (default: torch's count): at
     most the CPUs left free by other processes' runnable threads (the running count in
     ``/proc/loadavg``, our ``want`` threads assumed among them), at least 1. The C++ lookup
-    applies the same rule per call. ``VARFORMER_LOAD_AWARE=0`` turns it off; Linux only.
+    applies the same rule per call. ``VARFORMER_LOAD_AWARE=0`` and ``fixed_threads()`` turn it
+    off; Linux only.
 
     Why: on an oversubscribed machine every parallel region waits for descheduled team threads
     while the others spin (OpenMP's default wait policy), which costs far more than the work
     it shares; the VQ loop's many short regions then collapse (measured in csrc/README.md)."""
     want = torch.get_num_threads() if want is None else int(want)
-    if want <= 1 or os.environ.get("VARFORMER_LOAD_AWARE", "1").strip().startswith("0"):
+    if (want <= 1 or _FIXED[0]
+            or os.environ.get("VARFORMER_LOAD_AWARE", "1").strip().startswith("0")):
         return max(1, want)
     use = _free_threads(want)
     for _ in range(2):      # fewer only if it persists: one transient thread (a daemon's, a

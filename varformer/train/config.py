@@ -62,6 +62,9 @@ DEFAULTS: Dict[str, Any] = {
         "save_optimizer": True,                 # false: checkpoints without Adam moments
                                                 # (smaller; --resume restarts the moments)
         "val_every": 0,                         # 0: no validation
+        "load_aware": False,                    # true: on a busy CPU machine fewer threads
+                                                # per step (faster; results then depend on
+                                                # the load, --resume is no longer bit-exact)
     },
     "data": {},                                 # {synthetic: {n, size}} or varformer.data's
     "val": {},                                  # {synthetic: {...}} or varformer.data's; samples

@@ -430,6 +430,15 @@ class Trainer:
         return extra
 
     def train(self, until: Optional[int] = None) -> List[Dict[str, float]]:
+        """Runs steps up to ``until`` (default: total_steps); returns the per-step records. The
+        thread count stays fixed (bit-reproducible, exact ``--resume``) unless
+        ``train.load_aware`` is true."""
+        from varformer.ops import _ext
+        with (contextlib.nullcontext() if self.cfg["train"].get("load_aware")
+              else _ext.fixed_threads()):
+            return self._train(until)
+
+    def _train(self, until: Optional[int]) -> List[Dict[str, float]]:
         tc = self.cfg["train"]
         total, accum, bs = int(tc["total_steps"]), int(tc["accum_steps"]), int(tc["batch_size"])
         stop = total if until is None else min(until, total)
