@@ -22,7 +22,6 @@ import csv
 import dataclasses
 import datetime as _dt
 import gc
-import getpass
 import math
 import os
 import platform
@@ -150,14 +149,15 @@ def _ghz(parsed: dict, procs: list, sys_root: str = "/sys/devices/system/cpu") -
 
 
 def cpu_peak_model(text: str, cpus=None, threads: int | None = None,
-                   fma_units: int = FMA_UNITS_ASSUMED, sys_root: str = "/sys/devices/system/cpu"
-                   ) -> dict:
+                   fma_units: int = FMA_UNITS_ASSUMED, sys_root: str = "/sys/devices/system/cpu",
+                   narrow: str = "") -> dict:
     """FP32 FMA peak estimated from ``/proc/cpuinfo`` text: cores × FMA units × SIMD lanes ×
     2 FLOP × GHz, counting the physical cores among ``cpus`` (logical CPU ids; default all) that
     ``threads`` threads can occupy (default: all of them). Returns ``model``, ``vendor``,
     ``family``, ``model_number``, ``isa`` (list), ``simd``, ``lanes``, ``fma_units``,
     ``logical_cpus``, ``cores``, ``cores_used``, ``ghz``, ``ghz_source``, ``peak_gflops_fp32``
-    and ``peak_formula``."""
+    and ``peak_formula``. ``narrow`` (avx512 | avx2 | scalar) caps the lanes at that variant's,
+    for runs narrowed by ``VARFORMER_CPU_ISA``."""
     parsed = parse_cpuinfo(text)
     procs = parsed["processors"]
     if cpus is not None:
@@ -173,9 +173,13 @@ def cpu_peak_model(text: str, cpus=None, threads: int | None = None,
                                   parsed["model_number"])
     fma = "fma" in parsed["flags"] or simd in ("avx512", "avx512 (2x256-bit datapath)", "neon")
     ghz, source = _ghz(parsed, procs, sys_root)
+    lane_text = str(lanes)
+    if narrow and _LANES[narrow] < lanes:
+        lanes = _LANES[narrow]
+        lane_text = f"{lanes} ({narrow})"
     per_cycle = fma_units * lanes * (2 if fma else 1)
     peak = used * per_cycle * ghz
-    formula = (f"{used} cores x {fma_units} FMA units x {lanes} lanes x "
+    formula = (f"{used} cores x {fma_units} FMA units x {lane_text} lanes x "
                f"{2 if fma else 1} FLOP x {ghz:.2f} GHz ({source})")
     return {"model": parsed["model"] or platform.processor() or platform.machine(),
             "vendor": parsed["vendor"], "family": parsed["family"],
@@ -239,11 +243,11 @@ def isolate_inductor_cache() -> str:
     if not cap or os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         return ""
     try:
-        user = getpass.getuser()
-    except Exception:   # no user name in a container
-        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown"
-    path = os.path.join(tempfile.gettempdir(),
-                        re.sub(r"[^A-Za-z0-9_.-]", "_", f"torchinductor_{user}_aten_{cap}"))
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        base = default_cache_dir()
+    except Exception:   # another torch layout
+        base = os.path.join(tempfile.gettempdir(), "torchinductor")
+    path = base + "_aten_" + re.sub(r"[^A-Za-z0-9_.-]", "_", cap)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     return path
 
@@ -317,13 +321,8 @@ def cpu_info(threads: int | None = None, bandwidth: bool = False, measure: bool 
         cpus = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = None
-    info = cpu_peak_model(text, cpus, threads)
     narrow = _fma_isa_request()
-    if narrow and _LANES[narrow] < info["lanes"]:     # the estimate of the code that runs
-        info["peak_gflops_fp32"] *= _LANES[narrow] / info["lanes"]
-        info["peak_formula"] = info["peak_formula"].replace(
-            f"x {info['lanes']} lanes x", f"x {_LANES[narrow]} ({narrow}) lanes x")
-        info["lanes"] = _LANES[narrow]
+    info = cpu_peak_model(text, cpus, threads, narrow=narrow)   # the code that runs
     info["isa_limits"] = isa_limits()
     info["threads"] = threads
     info["loadavg"] = loadavg()
@@ -368,7 +367,8 @@ def describe_device(device: str) -> str:
         p = torch.cuda.get_device_properties(0)
         return f"{p.name} ({p.multi_processor_count} SMs)"
     info = cpu_info(measure=False)
-    narrowed = f", narrowed to {_fma_isa_request()}" if _fma_isa_request() else ""
+    narrow = _fma_isa_request()
+    narrowed = f", narrowed to {narrow}" if narrow else ""
     return f"CPU {info['model']} ({info['simd']}{narrowed}), {info['threads']} threads"
 
 
