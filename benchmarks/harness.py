@@ -1,7 +1,8 @@
 """Benchmark harness shared by every op (installed as ``varformer.benchmarks.harness``).
 
 * time: CUDA — ``triton.testing.do_bench`` (CUDA events, median and p20/p80, gradients reset
-  between runs); CPU — wall-clock median and p20/p80 over repeated calls.
+  between runs); CPU — wall-clock median and p20/p80 over repeated calls, by default in
+  interleaved rounds (``run_case(rounds=)``), speed-ups the median of per-round ratios.
 * peak memory: CUDA — ``max_memory_allocated`` above what was allocated before the call; CPU —
   the process's resident high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
   above the resident size before the call, the least of three calls (one call when quick).
@@ -220,6 +221,7 @@ def _affinity_cpus() -> int:
 
 _FMA_PEAK: dict = {}    # (threads, variant) -> (GFLOP/s or None, variant or why not measured)
 FMA_PEAK_SECONDS = 0.3  # one measurement's length (best of 5 repeats inside the C++ loop)
+FMA_PEAK_TRIES = 3      # measurements 0.1 s apart, the best kept (a shared host's bursts)
 
 # variables that make this process run narrower code than the CPU could (our kernels, ATen's
 # vectorised ops, MKL, oneDNN): tables name them, and the roofline follows VARFORMER_CPU_ISA
@@ -287,7 +289,7 @@ def measured_fma_peak_gflops(threads: int | None = None) -> float | None:
     """FP32 FMA peak measured on this machine (GFLOP/s): the C++ extension's loop of 12
     independent FMA chains per thread (AVX-512, AVX2+FMA or scalar, the widest the CPU runs) on
     ``threads`` threads (default torch's count; at most the CPUs this process may use), best of
-    5 repeats, about ``FMA_PEAK_SECONDS`` in all; the variant ``VARFORMER_CPU_ISA`` names where
+    5 repeats in each of ``FMA_PEAK_TRIES`` measurements of ``FMA_PEAK_SECONDS``; the variant ``VARFORMER_CPU_ISA`` names where
     it is set. Measured once per thread count and variant and cached, so call it before
     starting a ``BackgroundLoad``. None where the extension lacks the op."""
     key = (_fma_threads(threads), _fma_isa_request())
@@ -297,8 +299,12 @@ def measured_fma_peak_gflops(threads: int | None = None) -> float | None:
             _FMA_PEAK[key] = (None, "")
         else:
             try:
-                _FMA_PEAK[key] = (float(op(key[0], FMA_PEAK_SECONDS, key[1])),
-                                  key[1] or _fma_peak_isa())
+                best = 0.0
+                for i in range(FMA_PEAK_TRIES):   # a neighbour's burst must not set the peak
+                    if i:
+                        time.sleep(0.1)
+                    best = max(best, float(op(key[0], FMA_PEAK_SECONDS, key[1])))
+                _FMA_PEAK[key] = (best, key[1] or _fma_peak_isa())
             except Exception as exc:   # e.g. an older build of the op
                 _FMA_PEAK[key] = (None, f"{type(exc).__name__}: {exc}".splitlines()[0])
     return _FMA_PEAK[key][0]
@@ -426,6 +432,27 @@ def peak_memory_mb(fn: Callable[[], object], device: str, calls: int = 3) -> flo
     return min(peaks)
 
 
+def _cpu_times(fn, grad_to_none, budget_s: float, min_calls: int, max_calls: int = 50):
+    """Wall-clock milliseconds of repeated calls of ``fn``: at least ``min_calls``, then as
+    many as fit in ``budget_s`` seconds, at most ``max_calls``; gradients reset between."""
+    times, t_end = [], time.perf_counter() + budget_s
+    while len(times) < min_calls or (time.perf_counter() < t_end and len(times) < max_calls):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _stats(times) -> tuple:
+    """(median, p20, p80) of a list of times."""
+    times = sorted(times)
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+    return statistics.median(times), q(0.2), q(0.8)
+
+
 def time_ms(fn: Callable[[], object], device: str, grad_to_none=None, quick=False,
             reps: int | None = None, warmup: bool = True):
     """(median, p20, p80) milliseconds of ``fn``. CPU: after one warm-up call (unless
@@ -441,18 +468,9 @@ def time_ms(fn: Callable[[], object], device: str, grad_to_none=None, quick=Fals
         return med, p20, p80
     if warmup:
         fn()
-    times, t_end = [], time.perf_counter() + (1.0 if quick else 5.0)
-    while (len(times) < reps if reps is not None
-           else len(times) < 3 or (time.perf_counter() < t_end and len(times) < 50)):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
-    return statistics.median(times), q(0.2), q(0.8)
+    if reps is not None:
+        return _stats(_cpu_times(fn, grad_to_none, 0.0, reps, reps))
+    return _stats(_cpu_times(fn, grad_to_none, 1.0 if quick else 5.0, 3))
 
 
 # ------------------------------------------------------------------------------ cases
@@ -563,36 +581,102 @@ def line_widths(cases) -> tuple:
             max([24] + [len(p.name) for c in cases for p in c.providers]))
 
 
+def _prepare(prov: "Provider", mode: str, device: str, calls: int):
+    """(fn, grads, peak MB, note) of one provider: built, warmed up (one-time allocations,
+    thread pools, compilation stay out of the timing) and its peak memory measured; an
+    exception (an OOM, an unsupported baseline) is a result: (None, None, nan, its line)."""
+    try:
+        fn, grads = prov.make(mode)
+        fn()
+        # peak memory: least of ``calls`` calls; the calls also warm the timing
+        return fn, grads, peak_memory_mb(fn, device, calls=calls), ""
+    except Exception as exc:
+        return None, None, float("nan"), _error_note(exc)
+    finally:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _error_note(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+
+
 def run_case(case: Case, device: str, modes=None, quick=False,
-             log: Callable[[str], None] = print, widths: tuple = (34, 24)) -> list[Row]:
+             log: Callable[[str], None] = print, widths: tuple = (34, 24),
+             rounds: int = 1) -> list[Row]:
     """Measure every provider of ``case`` in every mode; ``log`` gets one line per measurement
     (shape and provider padded to ``widths``). Speed-ups are against the baseline provider of
-    the same dtype (and of fp32)."""
+    the same dtype (and of fp32).
+
+    ``rounds`` > 1 (CPU): the providers of a mode are built together and timed in that many
+    interleaved rounds, in an order rotated each round, each round with its share of the time
+    budget and calls (at least ceil(3 / rounds) calls). Times are over all rounds; a speed-up is the median over rounds
+    of the baseline's round median over the provider's, so that a machine whose speed drifts
+    (a shared host) shifts both sides of each ratio alike."""
     peaks = device_peaks(device)
     modes = modes or case.modes
     tiny = smoke()
+    interleave = device != "cuda" and rounds > 1 and not tiny
+    calls = 1 if tiny or quick else 3
     rows = []
     for mode in modes:
-        base_ms = {}
+        provs = case.run_providers()
+        results = {}        # provider index -> (ms, p20, p80, peak, note, seconds, round meds)
+        if interleave:
+            prepared, took = [], [0.0] * len(provs)
+            for i, prov in enumerate(provs):
+                t0 = time.perf_counter()
+                prepared.append(list(_prepare(prov, mode, device, calls)))
+                took[i] += time.perf_counter() - t0
+            samples = [[] for _ in provs]
+            meds = [[] for _ in provs]
+            budget = (1.0 if quick else 5.0) / rounds
+            for r in range(rounds):
+                for k in range(len(provs)):
+                    i = (k + r) % len(provs)
+                    fn, grads, _, note = prepared[i]
+                    if fn is None:
+                        continue
+                    t0 = time.perf_counter()
+                    try:
+                        ts = _cpu_times(fn, grads, budget, -(-3 // rounds),
+                                        max(1, 50 // rounds))
+                    except Exception as exc:
+                        prepared[i][0], prepared[i][3] = None, _error_note(exc)
+                        samples[i], meds[i] = [], []
+                        continue
+                    finally:
+                        took[i] += time.perf_counter() - t0
+                    samples[i] += ts
+                    meds[i].append(statistics.median(ts))
+            for i in range(len(provs)):
+                fn, grads, peak, note = prepared[i]
+                ms, p20, p80 = _stats(samples[i]) if samples[i] else (float("nan"),) * 3
+                if not samples[i]:
+                    peak = float("nan")
+                results[i] = (ms, p20, p80, peak, note, took[i], meds[i])
+            del prepared
+            gc.collect()
         mode_rows = []
-        for prov in case.run_providers():
-            t_start = time.perf_counter()
-            try:
-                fn, grads = prov.make(mode)
-                fn()  # warm-up: one-time allocations (thread pools, compilation) stay out
-                # peak memory: least of 3 calls (1 when quick); the calls also warm the timing
-                peak = peak_memory_mb(fn, device, calls=1 if tiny or quick else 3)
-                ms, p20, p80 = time_ms(fn, device, grads, quick, reps=1 if tiny else None,
-                                       warmup=False)
-                note = ""
-            except Exception as exc:  # an OOM or unsupported baseline is a result, not a crash
-                ms = p20 = p80 = peak = float("nan")
-                note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-                fn = grads = None
-            finally:
+        for i, prov in enumerate(provs):
+            if interleave:
+                ms, p20, p80, peak, note, took, _ = results[i]
+            else:
+                t_start = time.perf_counter()
+                fn, grads, peak, note = _prepare(prov, mode, device, calls)
+                ms = p20 = p80 = float("nan")
+                if fn is not None:
+                    try:
+                        ms, p20, p80 = time_ms(fn, device, grads, quick,
+                                               reps=1 if tiny else None, warmup=False)
+                    except Exception as exc:
+                        note, peak = _error_note(exc), float("nan")
+                del fn, grads
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
+                took = time.perf_counter() - t_start
             fl, nb = case.flops(mode), case.nbytes(mode, prov.dtype)
             ok = ms == ms and ms > 0
             tfl = fl / (ms * 1e-3) / 1e12 if ok else float("nan")
@@ -604,16 +688,21 @@ def run_case(case: Case, device: str, modes=None, quick=False,
             row = Row(case.op, case.shape, mode, prov.name, str(prov.dtype).replace("torch.", ""),
                       ms, p20, p80, peak, tfl, gbs, roof, float("nan"), note=note,
                       baseline=prov.baseline, flop_peak=fpk)
-            if prov.baseline:
-                base_ms[row.dtype] = ms
             mode_rows.append(row)
-            took = time.perf_counter() - t_start
             log(f"{case.shape:<{widths[0]}} {mode:<8} {prov.name:<{widths[1]}} {row.dtype:<8} "
                 f"{_f(ms, '9.3f'):>9} ms  {_f(peak, '9.1f'):>9} MB  ({took:.1f} s) {note}")
-        for r in mode_rows:
-            b, b32 = base_ms.get(r.dtype), base_ms.get("float32")
-            r.speedup = b / r.ms if b and r.ms == r.ms else float("nan")
-            r.vs_fp32 = b32 / r.ms if b32 and r.ms == r.ms else float("nan")
+        base = {r.dtype: i for i, r in enumerate(mode_rows) if r.baseline}
+        for i, r in enumerate(mode_rows):
+            for attr, dt in (("speedup", r.dtype), ("vs_fp32", "float32")):
+                b = base.get(dt)
+                val = float("nan")
+                if b is not None and r.ms == r.ms and mode_rows[b].ms == mode_rows[b].ms:
+                    if interleave:
+                        pairs = [x / y for x, y in zip(results[b][6], results[i][6]) if y > 0]
+                        val = statistics.median(pairs) if pairs else float("nan")
+                    else:
+                        val = mode_rows[b].ms / r.ms
+                setattr(r, attr, val)
         rows += mode_rows
     return rows
 
@@ -963,6 +1052,19 @@ def metadata(device: str, command: str, load: "BackgroundLoad | None" = None) ->
                                         else f"{info['peak_gflops_measured']:.1f}",
             "cpu_peak_gflops_est": f"{info['peak_gflops_fp32']:.1f}",
             "torch": torch.__version__, "triton": tv, "command": command}
+
+
+def timing_line(device: str, rounds: int, quick: bool) -> str:
+    """How ``run_case`` timed this run, for the table header."""
+    if device == "cuda":
+        return "triton do_bench (CUDA events), median and p20/p80"
+    budget = "1 s" if quick else "5 s"
+    if rounds <= 1:
+        return (f"wall clock, one implementation after the other, {budget} of calls each (at "
+                f"least 3); speed-up = ratio of medians")
+    return (f"wall clock, implementations of a shape interleaved in {rounds} rounds (rotated "
+            f"order, {budget} of calls each in all, at least 3); speed-up = median over rounds "
+            f"of the per-round ratio of medians")
 
 
 def metadata_lines(meta: dict) -> list[str]:

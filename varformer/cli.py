@@ -12,6 +12,9 @@ OPS = {"mediator_attention": "varformer.benchmarks.bench_mediator_attention",
        "model": "varformer.benchmarks.bench_model"}
 
 
+DEFAULT_CPU_ROUNDS = 3     # interleaved timing rounds per CPU measurement (--rounds)
+
+
 def _bench_command(args, device: str, smoke: bool) -> str:
     """The command line that reproduces this run."""
     from varformer.benchmarks import harness
@@ -20,6 +23,7 @@ def _bench_command(args, device: str, smoke: bool) -> str:
     parts += ["varformer", "bench"]
     for flag, val in (("--op", args.op), ("--device", device), ("--dtype", args.dtype),
                       ("--threads", args.threads), ("--load", args.load or None),
+                      ("--rounds", args.rounds),
                       ("--out", args.out)):
         if val is not None:
             parts += [flag, str(val)]
@@ -56,6 +60,8 @@ def _bench(args) -> int:
         torch.set_num_threads(args.threads)
     if args.load < 0:
         return fail(f"--load must be 0 or more busy processes, got {args.load}")
+    if args.rounds is not None and args.rounds < 1:
+        return fail(f"--rounds must be at least 1, got {args.rounds}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda but torch sees no CUDA device")
@@ -112,6 +118,9 @@ def _bench_run(args, harness, device, ops, dtypes, smoke, quick, state) -> int:
     with harness.BackgroundLoad(args.load, torch.get_num_threads()) as load:
         meter = harness.LoadMeter()
         meta = harness.metadata(device, _bench_command(args, device, smoke), load)
+        rounds = 1 if device == "cuda" else (DEFAULT_CPU_ROUNDS if args.rounds is None
+                                             else args.rounds)
+        meta["timing"] = harness.timing_line(device, rounds, quick)
         head = ["# varformer bench", ""] + harness.metadata_lines(meta)
         widths = harness.line_widths(c for _, cases in plan for c in cases)
         # set before the header is printed: an interrupt from then on names where it stopped
@@ -132,7 +141,7 @@ def _bench_run(args, harness, device, ops, dtypes, smoke, quick, state) -> int:
                     os.remove(csv_path)
                 rows = []
                 for case in cases:
-                    case_rows = harness.run_case(case, device, quick=quick,
+                    case_rows = harness.run_case(case, device, quick=quick, rounds=rounds,
                                                  log=log.measurement, widths=widths)
                     if csv_path:  # written per shape: an interrupted run keeps what it measured
                         meta["loadavg"] = "{:.2f} {:.2f} {:.2f}".format(*harness.loadavg())
@@ -368,6 +377,12 @@ def main(argv=None) -> int:
                    help="run N background busy processes for the whole run, each with as many "
                         "busy threads as the benchmark uses (hashing in a loop): reproduces an "
                         "oversubscribed machine; they are killed when the run ends")
+    b.add_argument("--rounds", type=int, metavar="R",
+                   help="CPU: time the implementations of a shape in R interleaved rounds "
+                        "(rotated order; speed-up = median of the per-round ratios), so that a "
+                        "shared machine whose speed drifts slows both sides of a ratio alike; "
+                        f"1 = one implementation after the other (default {DEFAULT_CPU_ROUNDS}; "
+                        "CUDA: always 1)")
     b.add_argument("--out", help="folder for CSV, markdown and plots (one PNG per op)")
     b.add_argument("--compile-report", action="store_true",
                    help="compile every Triton kernel for sm_90a/sm_80 ahead of time and print "
