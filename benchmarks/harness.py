@@ -1054,8 +1054,10 @@ def metadata(device: str, command: str, load: "BackgroundLoad | None" = None) ->
             "torch": torch.__version__, "triton": tv, "command": command}
 
 
-def timing_line(device: str, rounds: int, quick: bool) -> str:
+def timing_line(device: str, rounds: int, quick: bool, smoke: bool = False) -> str:
     """How ``run_case`` timed this run, for the table header."""
+    if smoke:
+        return "one call per implementation (VARFORMER_BENCH_SMOKE=1: not for numbers)"
     if device == "cuda":
         return "triton do_bench (CUDA events), median and p20/p80"
     budget = "1 s" if quick else "5 s"

@@ -506,6 +506,7 @@ def test_timing_line_names_the_method():
     assert "interleaved in 3 rounds" in harness.timing_line("cpu", 3, True)
     assert "one implementation after the other" in harness.timing_line("cpu", 1, False)
     assert "do_bench" in harness.timing_line("cuda", 3, False)
+    assert "SMOKE" in harness.timing_line("cpu", 3, True, smoke=True)
 
 
 # ------------------------------------------------------------------------------ the CLI
@@ -518,6 +519,8 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "--threads must be at least 1" in capsys.readouterr().err
     assert cli.main(["bench", "--device", "cpu", "--dtype", "fp8"]) == 2
     assert "--dtype expects" in capsys.readouterr().err
+    assert cli.main(["bench", "--device", "cpu", "--rounds", "0"]) == 2
+    assert "--rounds must be at least 1, got 0" in capsys.readouterr().err
 
 
 def _busy_children_of(pid):

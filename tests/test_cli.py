@@ -10,8 +10,10 @@ def test_bench_prints_table_and_writes_results(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "SMOKE", [(1, 2, 256, 16, 32)])
     # a comma list of ops (the model's smoke run is in tests/test_bench_harness.py)
     assert cli.main(["bench", "--quick", "--device", "cpu", "--op", "mediator_attention, vq",
-                     "--out", str(tmp_path)]) == 0
+                     "--rounds", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    assert "- timing: one call per implementation (VARFORMER_BENCH_SMOKE=1" in out
+    assert "--rounds 2 --out" in out      # the command line that reproduces the run
     assert "\n## vq\n" in out and "## window_attention" not in out and "## model" not in out
     lines = [ln for ln in out.splitlines() if ln.startswith("| mediator_attention")]
     # eager baseline, fused, two SDPA calls; forward and forward+backward

@@ -118,9 +118,9 @@ def _bench_run(args, harness, device, ops, dtypes, smoke, quick, state) -> int:
     with harness.BackgroundLoad(args.load, torch.get_num_threads()) as load:
         meter = harness.LoadMeter()
         meta = harness.metadata(device, _bench_command(args, device, smoke), load)
-        rounds = 1 if device == "cuda" else (DEFAULT_CPU_ROUNDS if args.rounds is None
-                                             else args.rounds)
-        meta["timing"] = harness.timing_line(device, rounds, quick)
+        rounds = 1 if device == "cuda" or smoke else (DEFAULT_CPU_ROUNDS if args.rounds is None
+                                                      else args.rounds)
+        meta["timing"] = harness.timing_line(device, rounds, quick, smoke)
         head = ["# varformer bench", ""] + harness.metadata_lines(meta)
         widths = harness.line_widths(c for _, cases in plan for c in cases)
         # set before the header is printed: an interrupt from then on names where it stopped
