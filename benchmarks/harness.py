@@ -289,9 +289,9 @@ def measured_fma_peak_gflops(threads: int | None = None) -> float | None:
     """FP32 FMA peak measured on this machine (GFLOP/s): the C++ extension's loop of 12
     independent FMA chains per thread (AVX-512, AVX2+FMA or scalar, the widest the CPU runs) on
     ``threads`` threads (default torch's count; at most the CPUs this process may use), best of
-    5 repeats in each of ``FMA_PEAK_TRIES`` measurements of ``FMA_PEAK_SECONDS``; the variant ``VARFORMER_CPU_ISA`` names where
-    it is set. Measured once per thread count and variant and cached, so call it before
-    starting a ``BackgroundLoad``. None where the extension lacks the op."""
+    5 repeats in each of ``FMA_PEAK_TRIES`` measurements of ``FMA_PEAK_SECONDS``; the variant
+    ``VARFORMER_CPU_ISA`` names where it is set. Measured once per thread count and variant
+    and cached, so call it before starting a ``BackgroundLoad``. None where the extension lacks the op."""
     key = (_fma_threads(threads), _fma_isa_request())
     if key not in _FMA_PEAK:
         op = _fma_peak_op()
@@ -611,9 +611,9 @@ def run_case(case: Case, device: str, modes=None, quick=False,
 
     ``rounds`` > 1 (CPU): the providers of a mode are built together and timed in that many
     interleaved rounds, in an order rotated each round, each round with its share of the time
-    budget and calls (at least ceil(3 / rounds) calls). Times are over all rounds; a speed-up is the median over rounds
-    of the baseline's round median over the provider's, so that a machine whose speed drifts
-    (a shared host) shifts both sides of each ratio alike."""
+    budget and calls (at least ceil(3 / rounds) calls). Times are over all rounds; a speed-up
+    is the median over rounds of the baseline's round median over the provider's, so that a
+    machine whose speed drifts (a shared host) shifts both sides of each ratio alike."""
     peaks = device_peaks(device)
     modes = modes or case.modes
     tiny = smoke()
