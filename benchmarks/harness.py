@@ -291,7 +291,8 @@ def measured_fma_peak_gflops(threads: int | None = None) -> float | None:
     ``threads`` threads (default torch's count; at most the CPUs this process may use), best of
     5 repeats in each of ``FMA_PEAK_TRIES`` measurements of ``FMA_PEAK_SECONDS``; the variant
     ``VARFORMER_CPU_ISA`` names where it is set. Measured once per thread count and variant
-    and cached, so call it before starting a ``BackgroundLoad``. None where the extension lacks the op."""
+    and cached, so call it before starting a ``BackgroundLoad``. None where the extension
+    lacks the op."""
     key = (_fma_threads(threads), _fma_isa_request())
     if key not in _FMA_PEAK:
         op = _fma_peak_op()
