@@ -350,6 +350,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vq_lookup_cpu(
   return {idx, dist, codes};
 }
 
+// ------------------------------------------------------------------------------ the φ step
+// The quantizer's per-scale φ on CPU, channels last, float32 (see phi_conv_kernel.h):
+//   h [B, H, W, C], weight [C, C, 3, 3], bias [C]; f_hat, f_rest [B, H, W, C] updated in place
+//   p = keep * h + mix * (conv3x3(h, weight, padding 1) + bias);  f_hat += p;  f_rest -= p
+// -> p [B, H, W, C]. Work items are blocks of rows of one image, each copied with its zero halo
+// into a per-thread buffer (no padded copy of the whole input).
+at::Tensor phi_update_cpu(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                          double keep, double mix, const at::Tensor& f_hat,
+                          const at::Tensor& f_rest) {
+  TORCH_CHECK(h.dim() == 4, "phi_update: h must be 4-D [B, H, W, C] (channels last), got ",
+              h.dim(), " dims");
+  const int64_t B = h.size(0), H = h.size(1), Wd = h.size(2), C = h.size(3);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == C &&
+                  weight.size(2) == 3 && weight.size(3) == 3,
+              "phi_update: weight must be [C, C, 3, 3] with C=", C, ", got ", weight.sizes());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C, "phi_update: bias must be [", C, "], got ",
+              bias.sizes());
+  TORCH_CHECK(f_hat.sizes() == h.sizes() && f_rest.sizes() == h.sizes(),
+              "phi_update: f_hat and f_rest must be ", h.sizes(), " like h, got ",
+              f_hat.sizes(), " and ", f_rest.sizes());
+  for (const at::Tensor* t : {&h, &weight, &bias, &f_hat, &f_rest}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "phi_update: every tensor must be float32, got ",
+                t->scalar_type());
+    TORCH_CHECK(t->device().is_cpu(), "phi_update: every tensor must be on the CPU, got ",
+                t->device());
+    TORCH_CHECK(t->is_contiguous(), "phi_update: every tensor must be contiguous");
+  }
+  TORCH_CHECK(f_hat.data_ptr() != f_rest.data_ptr() && h.data_ptr() != f_hat.data_ptr() &&
+                  h.data_ptr() != f_rest.data_ptr(),
+              "phi_update: h, f_hat and f_rest must be distinct tensors");
+  // The widest variant allowed whose vector width divides C.
+  int id = isa_from_env();
+  while (id > kIsaBaseline && (variants()[id].why.size() || C % variants()[id].k->group32 != 0))
+    --id;
+  const IsaKernels& k = *variants()[id].k;
+  TORCH_CHECK(C % k.group32 == 0, "phi_update: C must be a multiple of ", k.group32, ", got ", C);
+  at::Tensor out = at::empty(h.sizes(), h.options());
+  if (h.numel() == 0) return out;
+
+  std::vector<float> wp(9 * C * C);  // [ky][kx][ci][co]
+  const float* w = weight.data_ptr<float>();
+  for (int64_t co = 0; co < C; ++co)
+    for (int64_t ci = 0; ci < C; ++ci)
+      for (int64_t t = 0; t < 9; ++t) wp[(t * C + ci) * C + co] = w[(co * C + ci) * 9 + t];
+
+  const int64_t macs = B * H * Wd * C * C * 9;
+  int64_t threads =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
+  if (macs < kLoadAwareMacs) threads = load_aware_threads(threads);
+  // Row blocks: about four items per thread (whole images when there are enough of them).
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(H, B * H / (4 * threads)));
+  const int64_t per_image = (H + rows - 1) / rows;
+  const int64_t ldp = (Wd + 2) * C;
+  const float *hp = h.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *fh = f_hat.data_ptr<float>(), *fr = f_rest.data_ptr<float>();
+  const float kf = static_cast<float>(keep), mf = static_cast<float>(mix);
+  varformer_cpu::run_blocks<std::vector<float>>(
+      B * per_image, threads, [&] { return std::vector<float>((rows + 2) * ldp); },
+      [&](int64_t item, std::vector<float>& pad) {
+        const int64_t b = item / per_image, y0 = item % per_image * rows;
+        const int64_t nr = std::min(rows, H - y0);
+        for (int64_t r = 0; r < nr + 2; ++r) {  // input rows y0 - 1 .. y0 + nr, zero outside
+          float* dst = pad.data() + r * ldp;
+          const int64_t y = y0 - 1 + r;
+          std::memset(dst, 0, sizeof(float) * C);
+          std::memset(dst + (Wd + 1) * C, 0, sizeof(float) * C);
+          if (y < 0 || y >= H)
+            std::memset(dst + C, 0, sizeof(float) * Wd * C);
+          else
+            std::memcpy(dst + C, hp + (b * H + y) * Wd * C, sizeof(float) * Wd * C);
+        }
+        const int64_t o = (b * H + y0) * Wd * C;
+        k.phi32(pad.data(), nr, Wd, C, wp.data(), bp, kf, mf, hp + o, op + o, fh + o, fr + o);
+      });
+  return out;
+}
+
 // The variant a call would run for `request` ('' = what VARFORMER_CPU_ISA says, else auto).
 std::string vq_cpu_isa(std::string request) {
   return kIsaNames[request.empty() ? isa_from_env() : resolve_isa(request)];
@@ -371,10 +448,13 @@ std::vector<std::string> vq_cpu_isa_table() {
 TORCH_LIBRARY(varformer_ext, m) {
   m.def("vq_lookup(Tensor z, Tensor codebook, Tensor sqnorm, bool with_codes, int cuda_stream)"
         " -> (Tensor idx, Tensor dist, Tensor codes)");
+  m.def("phi_update(Tensor h, Tensor weight, Tensor bias, float keep, float mix, "
+        "Tensor(a!) f_hat, Tensor(b!) f_rest) -> Tensor");
   m.def("vq_cpu_isa(str request) -> str", &varformer_vq::vq_cpu_isa);
   m.def("vq_cpu_isa_table() -> str[]", &varformer_vq::vq_cpu_isa_table);
 }
 
 TORCH_LIBRARY_IMPL(varformer_ext, CPU, m) {
   m.impl("vq_lookup", &varformer_vq::vq_lookup_cpu);
+  m.impl("phi_update", &varformer_vq::phi_update_cpu);
 }

@@ -30,6 +30,7 @@ struct F32 {
   static inline void store(T* p, V v) { _mm256_storeu_ps(p, v); }
   static inline V bcast(const T* p) { return _mm256_broadcast_ss(p); }
   static inline V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  static inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static inline M lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
   static inline V min(V a, V b) { return _mm256_min_ps(a, b); }
   static inline V iload(const I* p) {
@@ -69,6 +70,7 @@ struct F64 {
 };
 
 #include "vq_lookup_kernel.h"
+#include "phi_conv_kernel.h"
 
 constexpr int kChunkBytes = 16384;
 
@@ -80,6 +82,12 @@ void scan32(const float* zt, int64_t ld, const float* E, const float* hs, const 
 void scan64(const double* zt, int64_t ld, const double* E, const double* hs, const int64_t* ids,
             int64_t C, int64_t v0, int64_t v1, double* best, int64_t* bidx) {
   scan<F64, 6, 2, 12, kChunkBytes>(zt, ld, E, hs, ids, C, v0, v1, best, bidx);
+}
+
+void phi32(const float* pad, int64_t rows, int64_t Wd, int64_t C, const float* wp,
+           const float* bias, float keep, float mix, const float* h, float* out, float* fhat,
+           float* frest) {
+  phi_rows<F32, 6, 2>(pad, rows, Wd, C, wp, bias, keep, mix, h, out, fhat, frest);
 }
 
 }  // namespace isa_avx2
@@ -98,7 +106,8 @@ const IsaKernels* isa_kernels_avx2(const char** why) {
 #ifdef VF_HAVE_AVX2
   static const IsaKernels k{"avx2", "avx2,fma", isa_avx2::F32::W, isa_avx2::F64::W,
                             2 * isa_avx2::F32::W, 2 * isa_avx2::F64::W,
-                            isa_avx2::kChunkBytes, &isa_avx2::scan32, &isa_avx2::scan64};
+                            isa_avx2::kChunkBytes, &isa_avx2::scan32, &isa_avx2::scan64,
+                            &isa_avx2::phi32};
   if (why) *why = "";
   return &k;
 #else

@@ -30,6 +30,7 @@ struct F32 {
   static inline void store(T* p, V v) { _mm512_storeu_ps(p, v); }
   static inline V bcast(const T* p) { return _mm512_set1_ps(*p); }
   static inline V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  static inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static inline M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static inline V min(V a, V b) { return _mm512_min_ps(a, b); }
   static inline V iload(const I* p) { return _mm512_castsi512_ps(_mm512_loadu_si512(p)); }
@@ -61,6 +62,7 @@ struct F64 {
 };
 
 #include "vq_lookup_kernel.h"
+#include "phi_conv_kernel.h"
 
 constexpr int kChunkBytes = 16384;
 
@@ -72,6 +74,12 @@ void scan32(const float* zt, int64_t ld, const float* E, const float* hs, const 
 void scan64(const double* zt, int64_t ld, const double* E, const double* hs, const int64_t* ids,
             int64_t C, int64_t v0, int64_t v1, double* best, int64_t* bidx) {
   scan<F64, 12, 2, 12, kChunkBytes>(zt, ld, E, hs, ids, C, v0, v1, best, bidx);
+}
+
+void phi32(const float* pad, int64_t rows, int64_t Wd, int64_t C, const float* wp,
+           const float* bias, float keep, float mix, const float* h, float* out, float* fhat,
+           float* frest) {
+  phi_rows<F32, 12, 2>(pad, rows, Wd, C, wp, bias, keep, mix, h, out, fhat, frest);
 }
 
 }  // namespace isa_avx512
@@ -91,7 +99,8 @@ const IsaKernels* isa_kernels_avx512(const char** why) {
   static const IsaKernels k{"avx512", "avx512f", isa_avx512::F32::W, isa_avx512::F64::W,
                             2 * isa_avx512::F32::W, 2 * isa_avx512::F64::W,
                             isa_avx512::kChunkBytes,
-                            &isa_avx512::scan32, &isa_avx512::scan64};
+                            &isa_avx512::scan32, &isa_avx512::scan64,
+                            &isa_avx512::phi32};
   if (why) *why = "";
   return &k;
 #else

@@ -27,6 +27,7 @@ struct Vec16 {
   }
   static inline V bcast(const T* p) { return splat<T, V>(*p); }
   static inline V fnmadd(V a, V b, V c) { return c - a * b; }
+  static inline V fmadd(V a, V b, V c) { return a * b + c; }
   static inline M lt(V a, V b) { return reinterpret_cast<M>(a < b); }
   static inline V select(M m, V a, V b) {
     return reinterpret_cast<V>((m & reinterpret_cast<M>(a)) | (~m & reinterpret_cast<M>(b)));
@@ -46,6 +47,7 @@ using F32 = Vec16<float, int32_t>;
 using F64 = Vec16<double, int64_t>;
 
 #include "vq_lookup_kernel.h"
+#include "phi_conv_kernel.h"
 
 constexpr int kChunkBytes = 16384;
 
@@ -59,6 +61,12 @@ void scan64(const double* zt, int64_t ld, const double* E, const double* hs, con
   scan<F64, 6, 2, 12, kChunkBytes>(zt, ld, E, hs, ids, C, v0, v1, best, bidx);
 }
 
+void phi32(const float* pad, int64_t rows, int64_t Wd, int64_t C, const float* wp,
+           const float* bias, float keep, float mix, const float* h, float* out, float* fhat,
+           float* frest) {
+  phi_rows<F32, 6, 2>(pad, rows, Wd, C, wp, bias, keep, mix, h, out, fhat, frest);
+}
+
 }  // namespace isa_baseline
 }  // namespace varformer_vq
 #endif
@@ -70,7 +78,8 @@ const IsaKernels* isa_kernels_baseline(const char** why) {
   static const IsaKernels k{"baseline", "16-byte vectors (SSE2 / NEON)", isa_baseline::F32::W,
                             isa_baseline::F64::W, 2 * isa_baseline::F32::W,
                             2 * isa_baseline::F64::W, isa_baseline::kChunkBytes,
-                            &isa_baseline::scan32, &isa_baseline::scan64};
+                            &isa_baseline::scan32, &isa_baseline::scan64,
+                            &isa_baseline::phi32};
   if (why) *why = "";
   return &k;
 #else

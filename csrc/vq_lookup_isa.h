@@ -22,6 +22,13 @@ template <typename T, typename I>
 using ScanFn = void (*)(const T* zt, int64_t ld, const T* E, const T* hs, const I* ids,
                         int64_t C, int64_t v0, int64_t v1, T* best, I* bidx);
 
+// The quantizer's φ step on one block of rows of one image (phi_conv_kernel.h): 3x3
+// convolution with zero padding, φ's mix, and the f_hat / f_rest updates, channels last, float32,
+// C a multiple of the variant's group32.
+using PhiFn = void (*)(const float* pad, int64_t rows, int64_t Wd, int64_t C, const float* wp,
+                       const float* bias, float keep, float mix, const float* h, float* out,
+                       float* fhat, float* frest);
+
 struct IsaKernels {
   const char* name;      // "avx512", "avx2", "baseline"
   const char* target;    // what it was compiled for, e.g. "avx2,fma"
@@ -32,6 +39,7 @@ struct IsaKernels {
   int chunk_bytes;       // codebook bytes streamed per pass over a token block
   ScanFn<float, int32_t> scan32;
   ScanFn<double, int64_t> scan64;
+  PhiFn phi32;
 };
 
 // Each returns the variant's kernels, or nullptr where it was not compiled (other

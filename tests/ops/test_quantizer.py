@@ -194,3 +194,43 @@ def test_cuda_graph_loop_matches_eager():
     for x, y in zip(a.indices, b.indices):
         assert torch.equal(x, y)
     torch.testing.assert_close(a.f_hat, b.f_hat)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU loop's C++ variants")
+@pytest.mark.parametrize("cpu_isa", ["avx512", "avx2", "baseline"])
+def test_cpu_loop_on_every_isa_variant(cpu_isa, monkeypatch):
+    """The CPU loop (C++ lookup, and the fused φ step where the variant is avx2/avx512) on each
+    inner-kernel variant this CPU runs, against the eager reference."""
+    from varformer.ops import _ext
+    ok, why = _ext.cpu_status()
+    if not ok or _ext.cpu_isa_table().get(cpu_isa, "not compiled"):
+        pytest.skip(f"{cpu_isa} unusable here: {why or _ext.cpu_isa_table().get(cpu_isa)}")
+    monkeypatch.setenv("VARFORMER_CPU_ISA", cpu_isa)
+    q = make()
+    f = torch.randn(3, 32, 16, 16)
+    idxs, fhats, priors = ref_quantize(q, f)
+    out = q.quantize(f)
+    for si, (a, b) in enumerate(zip(out.indices, idxs)):
+        assert torch.equal(a, b), f"scale {si}: {(a != b).sum().item()} indices differ"
+    torch.testing.assert_close(out.priors, torch.stack(priors, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.f_hat, fhats[-1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(q.f_to_idxBl_or_fhat(f, to_fhat=True), fhats):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_phi_gets_gradients_with_a_frozen_codebook():
+    """A frozen codebook with trainable φ: the search is the fused one, φ stays differentiable."""
+    q = make()
+    q.quant_resi.requires_grad_(True)
+    f = torch.randn(2, 32, 16, 16, device=DEVICE)
+    out = q.quantize(f)
+    _, _, priors = ref_quantize(q, f)
+    torch.testing.assert_close(out.priors, torch.stack(priors, 1), rtol=1e-5, atol=1e-5)
+    out.priors.square().sum().backward()
+    grads = [p.grad for p in q.quant_resi.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    want = torch.autograd.grad(torch.stack(priors, 1).square().sum(),
+                               list(q.quant_resi.parameters()))
+    for g, w in zip(grads, want):      # sums over 10 scales of B·256 fp32 products
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5 * w.abs().max().item())

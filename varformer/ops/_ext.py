@@ -55,6 +55,7 @@ HEADERS = (                             # included by the sources; part of the b
     "cpu_isa.h",
     "cpu_math.h",
     "cpu_threads.h",
+    "phi_conv_kernel.h",
     "vq_lookup_checks.h",
     "vq_lookup_isa.h",
     "vq_lookup_kernel.h",

@@ -232,34 +232,20 @@ class MultiScaleQuantizer(nn.Module):
 
     def _loop_fp32(self, f: Tensor, patch_hws, sq: Optional[Tensor] = None,
                    every_fhat: bool = True):
+        if self._cpu_csrc(f):
+            return self._loop_cpu(f, patch_hws, sq, every_fhat)
         B, C, H, W = f.shape
         f_rest = f.detach().float().clone()
         f_hat = torch.zeros_like(f_rest)
         SN = len(patch_hws)
         idx_list, fhats, priors = [], [], []
-        # CPU + C++ lookup: area pooling and bicubic upsampling as one matmul each, straight
-        # from / to the token layout (no permuted copies; fewer, shorter parallel regions).
-        cpu = self._cpu_csrc(f)
-        E = self.embedding.weight
         for si, (ph, pw) in enumerate(patch_hws):
             if 0 <= self.prog_si < si:
                 break
-            if cpu:
-                P, M = self._scale_maps(ph, pw, H, W)
-                n = ph * pw
-                z = (f_rest.permute(0, 2, 3, 1).reshape(-1, C) if (ph, pw) == (H, W) else
-                     torch.matmul(P, f_rest.view(B, C, H * W).transpose(1, 2)).view(-1, C))
-                idx, codes = _vq.vq_lookup(z, E, self._sqnorm() if sq is None else sq,
-                                           return_codes=True, backend=self.backend)
-                if si != SN - 1:
-                    h = torch.matmul(codes.view(B, n, C).transpose(1, 2), M).view(B, C, H, W)
-                else:
-                    h = codes.view(B, ph, pw, C).permute(0, 3, 1, 2)
-            else:
-                idx, codes = self._search(f_rest, ph, pw, sq)
-                h = self._embed(idx, codes, B, ph, pw)
-                if si != SN - 1:
-                    h = F.interpolate(h, size=(H, W), mode="bicubic")
+            idx, codes = self._search(f_rest, ph, pw, sq)
+            h = self._embed(idx, codes, B, ph, pw)
+            if si != SN - 1:
+                h = F.interpolate(h, size=(H, W), mode="bicubic")
             h = self._phi(si, SN)(h.contiguous())
             f_hat.add_(h)
             f_rest.sub_(h)
@@ -269,6 +255,54 @@ class MultiScaleQuantizer(nn.Module):
             priors.append(h)
         if not every_fhat and idx_list:
             fhats.append(f_hat)
+        return idx_list, fhats, priors
+
+    def _loop_cpu(self, f: Tensor, patch_hws, sq: Optional[Tensor], every_fhat: bool):
+        """The loop on CPU with the C++ lookup, channels last: f_rest, f_hat [B, H·W, C]; area
+        pooling and bicubic upsampling one matmul each (token layout in and out), the lookup
+        called without the op dispatcher, and φ with the f_hat / f_rest updates one C++ pass
+        (``phi_update``) where the CPU has AVX2 or AVX-512; results as ``_loop_fp32``'s."""
+        from . import _ext
+        B, C, H, W = f.shape
+        f_rest = f.detach().float().permute(0, 2, 3, 1).reshape(B, H * W, C).contiguous()
+        f_hat = torch.zeros_like(f_rest)
+        SN = len(patch_hws)
+        E = self.embedding.weight.detach()
+        sq = self._sqnorm() if sq is None else sq
+        fused_phi = _ext.cpu_isa() in ("avx512", "avx2")
+
+        def nchw(t):
+            return t.view(B, H, W, C).permute(0, 3, 1, 2)
+        idx_list, fhats, priors = [], [], []
+        for si, (ph, pw) in enumerate(patch_hws):
+            if 0 <= self.prog_si < si:
+                break
+            P, M = self._scale_maps(ph, pw, H, W)
+            n = ph * pw
+            z = f_rest if (ph, pw) == (H, W) else torch.matmul(P, f_rest)     # [B, n, C]
+            idx, _, codes = _vq._lookup_csrc(z.view(-1, C), E, sq, True)
+            codes = codes.view(B, n, C)
+            h = codes if si == SN - 1 else torch.matmul(M.T, codes)             # [B, H·W, C]
+            phi = self._phi(si, SN)
+            if (fused_phi and isinstance(phi, Phi) and C % 8 == 0
+                    and h.dtype == phi.weight.dtype == phi.bias.dtype == torch.float32
+                    and not (torch.is_grad_enabled()
+                             and (phi.weight.requires_grad or phi.bias.requires_grad))):
+                k = phi.resi_ratio
+                p = torch.ops.varformer_ext.phi_update(
+                    h.contiguous().view(B, H, W, C), phi.weight.detach().contiguous(),
+                    phi.bias.detach().contiguous(), 1 - k, k, f_hat.view(B, H, W, C),
+                    f_rest.view(B, H, W, C)).view(B, H * W, C)
+            else:
+                p = phi(nchw(h).contiguous()).permute(0, 2, 3, 1).reshape(B, H * W, C)
+                f_hat.add_(p)
+                f_rest.sub_(p)
+            idx_list.append(idx.view(B, n))
+            if every_fhat:
+                fhats.append(nchw(f_hat).contiguous())
+            priors.append(nchw(p))
+        if not every_fhat and idx_list:
+            fhats.append(nchw(f_hat).contiguous())
         return idx_list, fhats, priors
 
     def _graphable(self, f: Tensor) -> bool:
