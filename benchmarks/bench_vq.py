@@ -6,7 +6,7 @@ paths (C++ with OpenMP on CPU; Triton and CUDA C++ on CUDA) and faiss ``IndexFla
 faiss-cpu is installed: an optional, benchmark-only dependency).
 Quantize (f [B, 32, 16, 16] -> 10 index maps, VAR's ``f_to_idxBl_or_fhat``): VAR's eager loop
 against ``MultiScaleQuantizer`` (fused area + lookup + gather per scale; on CUDA also replayed
-from a CUDA graph).
+from a CUDA graph). On CPU also one scale's φ step (VAR's φ against the C++ ``phi_update``).
 
 On CPU the C++ provider's name says which inner-kernel variant ran (``VARFORMER_CPU_ISA``, default
 the widest this CPU runs) and that variant's estimated FP32 FMA peak at the benchmark's thread
@@ -153,6 +153,41 @@ def quantize_case(B: int, device: str) -> Case:
                 modes=("fwd",))
 
 
+def phi_case(B: int) -> Case:
+    """CPU: one scale's φ step of the quantizer loop at VAR's latent (B, 32, 16, 16): 3x3 conv,
+    φ's mix, f_hat += p, f_rest -= p. Eager = VAR's φ on NCHW tensors (what the loop ran before
+    ``phi_update``), fused = the C++ pass on the loop's channels-last tensors."""
+    from varformer.ops import _ext
+    r = 0.5
+
+    def make_eager(mode):
+        g = torch.Generator().manual_seed(3)
+        h, fh, fr = (torch.randn(B, C, 16, 16, generator=g) for _ in range(3))
+        w, b = torch.randn(C, C, 3, 3, generator=g) * 0.05, torch.randn(C, generator=g)
+
+        def run():
+            p = h.mul(1 - r) + F.conv2d(h, w, b, padding=1).mul_(r)
+            fh.add_(p)
+            fr.sub_(p)
+        return run, None
+
+    def make_fused(mode):
+        g = torch.Generator().manual_seed(3)
+        h, fh, fr = (torch.randn(B, 16, 16, C, generator=g) for _ in range(3))
+        w, b = torch.randn(C, C, 3, 3, generator=g) * 0.05, torch.randn(C, generator=g)
+        return (lambda: torch.ops.varformer_ext.phi_update(h, w, b, 1 - r, r, fh, fr)), None
+
+    try:
+        isa = _ext.cpu_isa()
+    except RuntimeError as exc:
+        isa = f"unavailable: {str(exc).splitlines()[0][:60]}"
+    provs = [Provider("eager (VAR's φ, NCHW)", torch.float32, make_eager, baseline=True),
+             Provider(f"fused C++ phi_update ({isa}, NHWC)", torch.float32, make_fused)]
+    return Case("vq_phi", f"φ step B={B} (3x3 conv {C}->{C} at 16x16, mix, f_hat/f_rest)",
+                lambda mode: 2.0 * B * 256 * C * C * 9, lambda mode, dt: 5 * B * 256 * C * 4,
+                provs, modes=("fwd",))
+
+
 def cases(device: str, quick: bool = False, dtypes=None) -> list[Case]:
     if smoke():                          # VARFORMER_BENCH_SMOKE=1: one tiny case per op
         lookups, quants = [1], [1]
@@ -162,7 +197,8 @@ def cases(device: str, quick: bool = False, dtypes=None) -> list[Case]:
         lookups, quants = [1, 16, 64], [1, 16, 64]
     with torch.no_grad():
         return ([lookup_case(B, device) for B in lookups]
-                + [quantize_case(B, device) for B in quants])
+                + [quantize_case(B, device) for B in quants]
+                + ([phi_case(B) for B in quants] if device == "cpu" else []))
 
 
 def kernel_report(rep: int = 7) -> str:
