@@ -224,7 +224,7 @@ class MultiScaleQuantizer(nn.Module):
         with torch.autocast(f.device.type, enabled=False):     # latent math in fp32, as VAR
             if f.device.type != "cpu" or torch.compiler.is_compiling():
                 return self._loop_fp32(f, patch_hws, sq, every_fhat)
-            # CPU: ~10 short parallel regions per scale; on an oversubscribed machine run them
+            # CPU: several short parallel regions per scale; on an oversubscribed machine run them
             # on the CPUs other processes leave free (one thread when none), see _ext.
             from . import _ext
             with _ext.load_aware():
