@@ -157,7 +157,6 @@ def phi_case(B: int) -> Case:
     """CPU: one scale's φ step of the quantizer loop at VAR's latent (B, 32, 16, 16): 3x3 conv,
     φ's mix, f_hat += p, f_rest -= p. Eager = VAR's φ on NCHW tensors (what the loop ran before
     ``phi_update``), fused = the C++ pass on the loop's channels-last tensors."""
-    from varformer.ops import _ext
     r = 0.5
 
     def make_eager(mode):
@@ -177,12 +176,9 @@ def phi_case(B: int) -> Case:
         w, b = torch.randn(C, C, 3, 3, generator=g) * 0.05, torch.randn(C, generator=g)
         return (lambda: torch.ops.varformer_ext.phi_update(h, w, b, 1 - r, r, fh, fr)), None
 
-    try:
-        isa = _ext.cpu_isa()
-    except RuntimeError as exc:
-        isa = f"unavailable: {str(exc).splitlines()[0][:60]}"
     provs = [Provider("eager (VAR's φ, NCHW)", torch.float32, make_eager, baseline=True),
-             Provider(f"fused C++ phi_update ({isa}, NHWC)", torch.float32, make_fused)]
+             Provider(cpu_kernel_label().replace("fused C++", "fused C++ phi_update, NHWC"),
+                      torch.float32, make_fused)]
     return Case("vq_phi", f"φ step B={B} (3x3 conv {C}->{C} at 16x16, mix, f_hat/f_rest)",
                 lambda mode: 2.0 * B * 256 * C * C * 9, lambda mode, dt: 5 * B * 256 * C * 4,
                 provs, modes=("fwd",))

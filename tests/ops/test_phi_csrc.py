@@ -7,15 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.ops.test_vq_csrc import built, isa  # noqa: F401  (fixtures)
-
-phi_update = None
+from tests.ops.test_vq_csrc import built, isa  # noqa: F401  (fixtures; `built` is autouse)
 
 
-@pytest.fixture(autouse=True)
-def op(built):  # noqa: F811
-    global phi_update
-    phi_update = torch.ops.varformer_ext.phi_update
+def phi_update(*args):
+    return torch.ops.varformer_ext.phi_update(*args)
 
 
 def reference(h, w, b, keep, mix):

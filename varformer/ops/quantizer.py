@@ -284,6 +284,7 @@ class MultiScaleQuantizer(nn.Module):
             codes = codes.view(B, n, C)
             h = codes if si == SN - 1 else torch.matmul(M.T, codes)             # [B, H·W, C]
             phi = self._phi(si, SN)
+            # C % 8: the C++ pass would fall back to its slow portable variant otherwise
             if (fused_phi and isinstance(phi, Phi) and C % 8 == 0
                     and h.dtype == phi.weight.dtype == phi.bias.dtype == torch.float32
                     and not (torch.is_grad_enabled()
