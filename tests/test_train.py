@@ -363,3 +363,29 @@ def test_missing_data_folder_is_one_line(tmp_path, capsys):
     assert train_main([path, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("varformer train: ") and "\n" not in err and "nowhere" in err
+
+
+def test_stage1_without_adapter_in_paper_mode_is_a_clear_error(tmp_path):
+    """Paper mode's stage 1 trains through the adapter only (the VAR branch has no gradient):
+    ablating the adapter leaves nothing to train, said before any step; with var_grad it trains."""
+    extra = {"model": {"preset": "small", "mode": "paper", "ablation": {"adapter": False}},
+             "stage": 1, "seed": 0,
+             "train": {"total_steps": 1, "batch_size": 1, "num_workers": 0, "log_every": 1000,
+                       "ckpt_every": 0, "val_every": 0},
+             "data": {"synthetic": {"n": 1, "size": 256}}}
+    with pytest.raises(ValueError, match=r"ablation\.adapter=false.*var_grad=true"):
+        Trainer(load_config(None, extra=extra), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    extra["model"]["kwargs"] = {"var_grad": True}
+    tr = Trainer(load_config(None, extra=extra), str(tmp_path / "run2"))
+    assert math.isfinite(tr.train()[-1]["loss"])
+
+
+def test_a_loss_without_gradient_names_the_trainable_set(tmp_path):
+    """A trainable set that no loss term reaches fails at the first step with a message naming
+    it, not with autograd's 'element 0 of tensors does not require grad'."""
+    cfg = tiny_cfg(model={"trainable": ["Mainencoder"]},
+                   loss={"ce": 0.1, "feat": 0.5, "l1": 0.0, "psnr": 0.0, "percep": 0.0})
+    tr = Trainer(cfg, str(tmp_path / "run"))
+    with pytest.raises(RuntimeError, match=r"no gradient.*Mainencoder"):
+        tr.train()

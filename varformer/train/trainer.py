@@ -124,6 +124,21 @@ def set_trainable(model: nn.Module, stage: int, names: Optional[Sequence[str]] =
     return [t for t in tops if t in names]
 
 
+def _check_stage1_has_gradient(model: nn.Module, stage: int) -> None:
+    """With the stage-1 trainable set, paper mode trains only through the adapter's
+    straight-through latent (the VAR branch runs without gradient unless ``var_grad``): without
+    the adapter nothing would train."""
+    ablation = getattr(model, "ablation", None)
+    if (stage == 1 and isinstance(ablation, dict) and not ablation.get("adapter", True)
+            and not getattr(model, "var_grad", True)):
+        raise ValueError(
+            "train: stage 1 with model.ablation.adapter=false has nothing to train in this mode: "
+            "the VAR branch runs without gradient (var_grad false, the paper mode's default), "
+            "so only the adapter's latent reaches the stage-1 loss. Set "
+            "model.kwargs.var_grad=true (train the cross-attention, embeddings and head on the "
+            "CE term) or train the ablation in stage 2 only")
+
+
 class TrainStep(nn.Module):
     """forward(lq [B, 3, 256, 256]) -> (out [B, 3, 256, 256] or None, lq_feat [B, 32, 16, 16],
     logits [B, 680, V]). Without ``image`` (stage 1 without image losses) only the prior path
@@ -301,6 +316,8 @@ class Trainer:
         torch.manual_seed(seed)                     # identical initial weights on every rank
         self.model = build_model(cfg["model"]).to(self.device)
         self.trainable = set_trainable(self.model, cfg["stage"], cfg["model"].get("trainable"))
+        if cfg["model"].get("trainable") is None:     # the stage's own set
+            _check_stage1_has_gradient(self.model, cfg["stage"])
         self.loss_fn = build_loss(cfg["loss"]).to(self.device)
         self.image = cfg["stage"] == 2 or self.loss_fn.needs_image
         self.step_module: nn.Module = TrainStep(self.model, self.image)
@@ -411,6 +428,12 @@ class Trainer:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
                 out, lq_feat, logits = self.step_module(lq)
                 loss, terms = self.loss_fn(out, lq_feat, logits, gt, gt_idx, f_hat_gt)
+            if not loss.requires_grad:
+                raise RuntimeError(
+                    f"train: the stage-{self.cfg['stage']} loss has no gradient: none of the "
+                    f"trainable parameters ({', '.join(self.trainable) or 'none'}) reaches the "
+                    f"loss terms {sorted(terms)}; check model.trainable, the loss weights and "
+                    f"model.ablation")
             (loss / accum).backward()
         return dict(terms, loss=loss.detach())
 
