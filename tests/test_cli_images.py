@@ -234,3 +234,63 @@ def test_restore_api_takes_pil_images_of_any_mode(rng):
     np.testing.assert_allclose(np.asarray(out)[..., 0], want, atol=1)
     la = Image.fromarray(np.dstack([g16 >> 8, g16 & 255]).astype(np.uint8))
     assert np.asarray(restore(_Shift(), la, tile=32, overlap=4)).shape == (H, W, 3)
+
+
+def _tiff_be_strips(a16, rows_per_strip):
+    """An independent encoder for the reader's test: big-endian ('MM') uncompressed RGB(A)
+    16-bit TIFF, several strips, arrays after the pixel data."""
+    import struct
+    h, w, c = a16.shape
+    strips = [a16[y:y + rows_per_strip].astype(">u2").tobytes() for y in range(0, h, rows_per_strip)]
+    data = b"".join(strips)
+    data_at = 8
+    offs_at = data_at + len(data)
+    counts_at = offs_at + 4 * len(strips)
+    bits_at = counts_at + 4 * len(strips)
+    ifd_at = bits_at + 2 * c
+    offsets = [data_at + sum(len(s) for s in strips[:i]) for i in range(len(strips))]
+    e = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, c, bits_at), (259, 3, 1, 1),
+         (262, 3, 1, 2), (273, 4, len(strips), offs_at), (277, 3, 1, c),
+         (278, 4, 1, rows_per_strip), (279, 4, len(strips), counts_at)]
+    if c == 4:
+        e.append((338, 3, 1, 2))
+    ent = b"".join(struct.pack(">HHIHH", t, k, n, v, 0) if k == 3 and n == 1
+                   else struct.pack(">HHII", t, k, n, v) for t, k, n, v in e)
+    return (b"MM" + struct.pack(">HI", 42, ifd_at) + data
+            + struct.pack(f">{len(strips)}I", *offsets)
+            + struct.pack(f">{len(strips)}I", *map(len, strips))
+            + struct.pack(f">{c}H", *[16] * c)
+            + struct.pack(">H", len(e)) + ent + struct.pack(">I", 0))
+
+
+def test_16bit_colour_tiff_in_and_out(tmp_path, rng):
+    """16-bit colour TIFFs keep their depth both ways (PIL alone reads and writes them with 8
+    bits): save_image writes them, read_image_file reads uncompressed ones in any strip layout
+    and byte order, and the data loader reads the same."""
+    x = torch.from_numpy(rng.random((3, H, W))).float()
+    alpha = torch.from_numpy(rng.random((1, H, W))).float()
+    assert save_image(x, tmp_path / "o16.tif", bits=16) == []
+    assert Image.open(tmp_path / "o16.tif").tile[0].args[0] == "RGB;16L"   # a TIFF PIL parses
+    back = read_image_file(tmp_path / "o16.tif")
+    assert back.bits == 16 and back.alpha is None
+    torch.testing.assert_close(back.rgb, x, atol=0.6 / 65535, rtol=0)
+    assert save_image(x, tmp_path / "a16.tif", bits=16, alpha=alpha) == []
+    back = read_image_file(tmp_path / "a16.tif")
+    torch.testing.assert_close(back.rgb, x, atol=0.6 / 65535, rtol=0)
+    torch.testing.assert_close(back.alpha, alpha, atol=0.6 / 65535, rtol=0)
+    torch.testing.assert_close(read_image(tmp_path / "a16.tif"), back.rgb)
+    notes = save_image(x, tmp_path / "ga16.tif", bits=16, alpha=alpha, gray=True)
+    assert len(notes) == 1 and "as RGBA" in notes[0]
+    back = read_image_file(tmp_path / "ga16.tif")
+    luma = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+    for ch in back.rgb:
+        torch.testing.assert_close(ch, luma, atol=0.6 / 65535, rtol=0)
+    torch.testing.assert_close(back.alpha, alpha, atol=0.6 / 65535, rtol=0)
+    save_image(x, tmp_path / "g16.tif", bits=16, gray=True)
+    assert Image.open(tmp_path / "g16.tif").mode == "I;16"
+    for c in (3, 4):
+        a16 = rng.integers(0, 65536, (H, W, c), dtype=np.uint16)
+        (tmp_path / f"be{c}.tif").write_bytes(_tiff_be_strips(a16, rows_per_strip=4))
+        assert Image.open(tmp_path / f"be{c}.tif").tile[0].args[0] == ("RGB", "RGBA")[c - 3] + ";16B"
+        _check(read_image_file(tmp_path / f"be{c}.tif"), a16[..., :3] / 65535,
+               alpha=a16[..., 3] / 65535 if c == 4 else None, bits=16)

@@ -92,6 +92,43 @@ def _png16(path, im) -> Optional[np.ndarray]:
     return None
 
 
+_TIFF16_RAW = {"RGB;16L": ("<u2", 3), "RGB;16B": (">u2", 3), "RGBA;16L": ("<u2", 4),
+               "RGBA;16B": (">u2", 4)}
+
+
+def _tiff16(path, im) -> Optional[np.ndarray]:
+    """16-bit colour TIFFs stored uncompressed (one raw tile per strip), which PIL decodes to
+    8 bits: the full uint16 [H, W, C] array (C = 3 RGB, 4 RGBA) read from the strips; None
+    for anything else (compressed or tiled 16-bit colour TIFFs are read at 8 bits by PIL)."""
+    tiles = getattr(im, "tile", None)
+    if im.format != "TIFF" or not tiles:
+        return None
+    w, h = im.size
+    try:
+        args = {t.args[0] if isinstance(t.args, tuple) else t.args for t in tiles}
+        codecs = {t.codec_name for t in tiles}
+        if codecs != {"raw"} or len(args) != 1 or next(iter(args)) not in _TIFF16_RAW:
+            return None
+        dtype, c = _TIFF16_RAW[next(iter(args))]
+        out = np.empty((h, w, c), np.uint16)
+        rows = 0
+        with open(path, "rb") as f:
+            for t in sorted(tiles, key=lambda t: t.extents[1]):
+                x0, y0, x1, y1 = t.extents
+                if x0 != 0 or x1 != w or y0 != rows:
+                    return None
+                f.seek(t.offset)
+                n = (y1 - y0) * w * c
+                strip = np.frombuffer(f.read(2 * n), dtype=dtype)
+                if strip.size != n:
+                    return None
+                out[y0:y1] = strip.reshape(y1 - y0, w, c)
+                rows = y1
+        return out if rows == h else None
+    except Exception:  # unusual layouts: PIL's 8-bit decode
+        return None
+
+
 def _pil_to_array(im, name, deep: Optional[np.ndarray] = None):
     """An opened PIL image -> (float32 array [H, W] or [H, W, C] in [0, 1], bits, gray,
     mode); C = 2 or 4 when the last channel is alpha. ``deep``: the full 16-bit array of
@@ -148,9 +185,9 @@ def read_image_file(path) -> ImageData:
     """Read any single-frame image PIL opens, EXIF orientation applied (see ``ImageData``).
 
     8-bit modes (1, L, LA, P with or without transparency, RGB, RGBA, CMYK, YCbCr, HSV, LAB
-    via an sRGB transform) scale by 1/255; 16-bit grey (I;16*) and 16-bit colour PNGs by
-    1/65535; 32-bit integer images (I) whose values fit 16 bits by 1/65535; float images (F)
-    must hold values in [0, 1]. Anything else (animated or multi-page files, I or F data
+    via an sRGB transform) scale by 1/255; 16-bit grey (I;16*), 16-bit colour PNGs and
+    uncompressed 16-bit colour TIFFs by 1/65535; 32-bit integer images (I) whose values fit
+    16 bits by 1/65535; float images (F) must hold values in [0, 1]. Anything else (animated or multi-page files, I or F data
     outside those ranges, NaN) raises ``ImageFormatError`` naming the file and the reason."""
     from PIL import Image
 
@@ -165,6 +202,7 @@ def read_image_file(path) -> ImageData:
             raise ImageFormatError(f"{path}: {frames} frames (animated or multi-page); "
                                    f"extract one frame and restore that")
         deep = _png16(path, im)     # before anything loads the image (getexif may)
+        deep = _tiff16(path, im) if deep is None else deep
         try:
             orientation = im.getexif().get(_EXIF_ORIENTATION)
         except Exception:
@@ -211,14 +249,57 @@ def _png_bytes(a: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(data, 6)) + chunk(b"IEND", b""))
 
 
+def _tiff_bytes(a: np.ndarray) -> bytes:
+    """An uncompressed little-endian baseline TIFF of uint16 [H, W, C] (C = 1 grey, 2 grey +
+    alpha, 3 RGB, 4 RGBA; alpha unassociated), one strip of chunky samples."""
+    import struct
+
+    h, w, c = a.shape
+    data = np.ascontiguousarray(a.astype("<u2")).tobytes()
+    if len(data) + 4096 >= 2 ** 32:
+        raise ValueError(f"image of {w}x{h}x{c} 16-bit samples is too large for a baseline "
+                         f"TIFF (4 GB); write .png")
+    n_entries = 12 if c in (2, 4) else 11
+    ifd_at = 8
+    extra_at = ifd_at + 2 + 12 * n_entries + 4        # arrays that do not fit in an entry
+    bits_at, fmt_at = extra_at, extra_at + 2 * c
+    data_at = fmt_at + 2 * c
+    data_at += data_at % 2
+
+    def entry(tag, kind, count, value):           # kind 3 SHORT, 4 LONG
+        if kind == 3 and count == 1:
+            return struct.pack("<HHIHH", tag, kind, count, value, 0)
+        return struct.pack("<HHII", tag, kind, count, value)
+
+    def shorts(tag, at):                          # c SHORTs: inline when they fit in 4 bytes
+        if c <= 2:
+            vals = [16 if tag == 258 else 1] * c + [0] * (2 - c)
+            return struct.pack("<HHIHH", tag, 3, c, *vals)
+        return entry(tag, 3, c, at)
+
+    entries = [entry(256, 4, 1, w), entry(257, 4, 1, h), shorts(258, bits_at), entry(259, 3, 1, 1),
+               entry(262, 3, 1, 1 if c <= 2 else 2), entry(273, 4, 1, data_at),
+               entry(277, 3, 1, c), entry(278, 4, 1, h), entry(279, 4, 1, len(data)),
+               entry(284, 3, 1, 1)]
+    if c in (2, 4):
+        entries.append(entry(338, 3, 1, 2))       # ExtraSamples: unassociated alpha
+    entries.append(shorts(339, fmt_at))           # SampleFormat: unsigned integer
+    assert len(entries) == n_entries
+    head = b"II" + struct.pack("<HI", 42, ifd_at)
+    ifd = struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+    arrays = struct.pack(f"<{c}H", *([16] * c)) + struct.pack(f"<{c}H", *([1] * c))
+    body = head + ifd + arrays
+    return body + b"\0" * (data_at - len(body)) + data
+
+
 def save_image(tensor: torch.Tensor, path, *, alpha: Optional[torch.Tensor] = None,
                bits: int = 8, gray: bool = False) -> list[str]:
     """Write a float tensor [3, H, W] (or [1, 3, H, W]) in [0, 1]; the format follows the
     extension of ``path``. ``alpha`` [1, H, W] / [H, W] in [0, 1] is written as the alpha
     channel; ``bits`` 16 (or 32: float input) writes 16-bit PNG/TIFF samples (float TIFF for a
     grey 32); ``gray`` writes one channel (BT.601 luma). Where the format cannot hold what is
-    asked (JPEG: no alpha, 8 bits; BMP: 8 bits; TIFF: 16-bit colour), it writes what it can
-    and returns a note per thing it dropped (else [])."""
+    asked (JPEG: no alpha, 8 bits; BMP: 8 bits), it writes what it can and returns a note per
+    thing it dropped (else [])."""
     from PIL import Image
 
     if tensor.dim() == 4 and tensor.shape[0] == 1:
@@ -258,11 +339,13 @@ def save_image(tensor: torch.Tensor, path, *, alpha: Optional[torch.Tensor] = No
             with open(path, "wb") as f:
                 f.write(_png_bytes(a16))
             return notes
-        if a16.shape[2] == 1:                                   # TIFF, grey 16-bit
-            Image.fromarray(a16[:, :, 0]).save(path)
-            return notes
-        notes.append("written with 8-bit samples (16-bit colour TIFF is not supported here; "
-                     "write .png to keep the depth)")
+        if a16.shape[2] == 2:       # grey + alpha: as RGBA (PIL reads no 16-bit LA TIFF)
+            a16 = a16[:, :, [0, 0, 0, 1]]
+            notes.append("grey + alpha written as RGBA (16-bit grey + alpha TIFFs are not "
+                         "widely readable; write .png to keep one grey channel)")
+        with open(path, "wb") as f:                              # TIFF
+            f.write(_tiff_bytes(a16))
+        return notes
     a8 = np.round(hwc * 255).astype(np.uint8)
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[a8.shape[2]]
     img = Image.fromarray(a8[:, :, 0] if mode == "L" else a8)
