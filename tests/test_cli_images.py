@@ -203,7 +203,7 @@ def fake_model(monkeypatch):
 
 def test_cli_restore_keeps_16_bits_grey_and_alpha(tmp_path, rng, fake_model, capsys):
     """The issue's case: a 16-bit grey PNG came out all white. Now it comes out 16-bit grey,
-    equal to the model's output; RGBA keeps its alpha."""
+    equal to the model's output; RGBA keeps its alpha, a JPEG its ICC profile."""
     src = tmp_path / "in"
     src.mkdir()
     g16 = rng.integers(1000, 60000, (H, W), dtype=np.uint16)
@@ -211,6 +211,9 @@ def test_cli_restore_keeps_16_bits_grey_and_alpha(tmp_path, rng, fake_model, cap
     a = _rgb8(rng)
     al = rng.integers(0, 256, (H, W), dtype=np.uint8)
     Image.fromarray(np.dstack([a, al])).save(src / "rgba.png")
+    from PIL import ImageCms
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(a).save(src / "icc.jpg", icc_profile=srgb, quality=95)
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"")
     out = tmp_path / "out"
@@ -223,6 +226,7 @@ def test_cli_restore_keeps_16_bits_grey_and_alpha(tmp_path, rng, fake_model, cap
     rgba = Image.open(out / "rgba.png")
     assert rgba.mode == "RGBA"
     np.testing.assert_array_equal(np.asarray(rgba)[..., 3], al)
+    assert Image.open(out / "icc.png").info.get("icc_profile") == srgb   # profile carried over
 
 
 def test_restore_api_takes_pil_images_of_any_mode(rng):
@@ -294,3 +298,30 @@ def test_16bit_colour_tiff_in_and_out(tmp_path, rng):
         assert Image.open(tmp_path / f"be{c}.tif").tile[0].args[0] == ("RGB", "RGBA")[c - 3] + ";16B"
         _check(read_image_file(tmp_path / f"be{c}.tif"), a16[..., :3] / 65535,
                alpha=a16[..., 3] / 65535 if c == 4 else None, bits=16)
+
+
+def test_icc_profile_is_carried_over(tmp_path, rng):
+    """An embedded ICC profile is read (not applied) and embedded again where its colour space
+    matches the output and the format holds one, 8 and 16 bits; otherwise a note says so."""
+    from PIL import ImageCms
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(_rgb8(rng)).save(tmp_path / "in.png", icc_profile=srgb)
+    data = read_image_file(tmp_path / "in.png")
+    assert data.icc == srgb
+    x, alpha = data.rgb, torch.from_numpy(rng.random((1, H, W))).float()
+    for name, bits, a in [("o8.png", 8, None), ("o8.jpg", 8, None), ("o8.tif", 8, alpha),
+                          ("o16.png", 16, alpha), ("o16.tif", 16, None), ("o16a.tif", 16, alpha)]:
+        assert save_image(x, tmp_path / name, bits=bits, alpha=a, icc=srgb) == [], name
+        assert Image.open(tmp_path / name).info.get("icc_profile") == srgb, name
+        assert read_image_file(tmp_path / name).icc == srgb, name
+    back = read_image_file(tmp_path / "o16a.tif")           # the profile moved the pixel data
+    assert back.bits == 16
+    torch.testing.assert_close(back.rgb, x, atol=0.6 / 65535, rtol=0)
+    torch.testing.assert_close(back.alpha, alpha, atol=0.6 / 65535, rtol=0)
+    notes = save_image(x, tmp_path / "g.png", gray=True, icc=srgb)
+    assert notes == ["ICC profile not embedded (a RGB profile; the output is grey)"]
+    assert "icc_profile" not in Image.open(tmp_path / "g.png").info
+    notes = save_image(x, tmp_path / "o.bmp", icc=srgb)
+    assert len(notes) == 1 and "BMP holds none" in notes[0]
+    assert save_image(x, tmp_path / "plain.png") == []
+    assert read_image_file(tmp_path / "plain.png").icc is None

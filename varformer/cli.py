@@ -305,7 +305,8 @@ def _restore(args) -> int:
         finally:
             bar.close()
         os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-        notes = save_image(out, dst, alpha=image.alpha, bits=image.bits, gray=image.gray)
+        notes = save_image(out, dst, alpha=image.alpha, bits=image.bits, gray=image.gray,
+                           icc=image.icc)
         for note in notes:
             print(f"varformer restore: {dst}: {note}", file=sys.stderr)
         print(f"{src} -> {dst}")

@@ -39,12 +39,14 @@ class ImageData:
 
     rgb: float32 [3, H, W] in [0, 1] (grey images repeated to 3 channels); alpha: float32
     [1, H, W] in [0, 1] or None; bits: sample depth of the file (8, 16, or 32 for float
-    images); gray: the file had one colour channel; mode: PIL's mode of the file."""
+    images); gray: the file had one colour channel; mode: PIL's mode of the file; icc: the
+    file's embedded ICC colour profile (bytes, not applied: the samples are as stored) or None."""
     rgb: torch.Tensor
     alpha: Optional[torch.Tensor] = None
     bits: int = 8
     gray: bool = False
     mode: str = "RGB"
+    icc: Optional[bytes] = None
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -203,6 +205,7 @@ def read_image_file(path) -> ImageData:
                                    f"extract one frame and restore that")
         deep = _png16(path, im)     # before anything loads the image (getexif may)
         deep = _tiff16(path, im) if deep is None else deep
+        icc = im.info.get("icc_profile") or None
         try:
             orientation = im.getexif().get(_EXIF_ORIENTATION)
         except Exception:
@@ -218,7 +221,8 @@ def read_image_file(path) -> ImageData:
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     rgb = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-    return ImageData(rgb=rgb, alpha=alpha, bits=bits, gray=gray, mode=mode)
+    return ImageData(rgb=rgb, alpha=alpha, bits=bits, gray=gray, mode=mode,
+                     icc=bytes(icc) if icc else None)
 
 
 def load_image(path) -> torch.Tensor:
@@ -227,8 +231,9 @@ def load_image(path) -> torch.Tensor:
     return read_image_file(path).rgb
 
 
-def _png_bytes(a: np.ndarray) -> bytes:
-    """A 16-bit PNG (grey, grey + alpha, RGB, RGBA) of uint16 [H, W, C]; rows Sub-filtered."""
+def _png_bytes(a: np.ndarray, icc: Optional[bytes] = None) -> bytes:
+    """A 16-bit PNG (grey, grey + alpha, RGB, RGBA) of uint16 [H, W, C]; rows Sub-filtered;
+    ``icc``: an ICC profile to embed (iCCP chunk)."""
     import struct
     import zlib
 
@@ -245,13 +250,15 @@ def _png_bytes(a: np.ndarray) -> bytes:
                 + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
 
     header = struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+    iccp = chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(icc)) if icc else b""
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + iccp
             + chunk(b"IDAT", zlib.compress(data, 6)) + chunk(b"IEND", b""))
 
 
-def _tiff_bytes(a: np.ndarray) -> bytes:
+def _tiff_bytes(a: np.ndarray, icc: Optional[bytes] = None) -> bytes:
     """An uncompressed little-endian baseline TIFF of uint16 [H, W, C] (C = 1 grey, 2 grey +
-    alpha, 3 RGB, 4 RGBA; alpha unassociated), one strip of chunky samples."""
+    alpha, 3 RGB, 4 RGBA; alpha unassociated), one strip of chunky samples; ``icc``: an ICC
+    profile to embed (tag 34675)."""
     import struct
 
     h, w, c = a.shape
@@ -259,11 +266,13 @@ def _tiff_bytes(a: np.ndarray) -> bytes:
     if len(data) + 4096 >= 2 ** 32:
         raise ValueError(f"image of {w}x{h}x{c} 16-bit samples is too large for a baseline "
                          f"TIFF (4 GB); write .png")
-    n_entries = 12 if c in (2, 4) else 11
+    icc = icc or b""
+    n_entries = (12 if c in (2, 4) else 11) + (1 if icc else 0)
     ifd_at = 8
     extra_at = ifd_at + 2 + 12 * n_entries + 4        # arrays that do not fit in an entry
     bits_at, fmt_at = extra_at, extra_at + 2 * c
-    data_at = fmt_at + 2 * c
+    icc_at = fmt_at + 2 * c
+    data_at = icc_at + len(icc)
     data_at += data_at % 2
 
     def entry(tag, kind, count, value):           # kind 3 SHORT, 4 LONG
@@ -284,22 +293,33 @@ def _tiff_bytes(a: np.ndarray) -> bytes:
     if c in (2, 4):
         entries.append(entry(338, 3, 1, 2))       # ExtraSamples: unassociated alpha
     entries.append(shorts(339, fmt_at))           # SampleFormat: unsigned integer
+    if icc:
+        entries.append(struct.pack("<HHII", 34675, 7, len(icc), icc_at))   # ICC, UNDEFINED
     assert len(entries) == n_entries
     head = b"II" + struct.pack("<HI", 42, ifd_at)
     ifd = struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", 0)
-    arrays = struct.pack(f"<{c}H", *([16] * c)) + struct.pack(f"<{c}H", *([1] * c))
+    arrays = struct.pack(f"<{c}H", *([16] * c)) + struct.pack(f"<{c}H", *([1] * c)) + icc
     body = head + ifd + arrays
     return body + b"\0" * (data_at - len(body)) + data
 
 
+def _icc_space(icc: bytes) -> str:
+    """The data colour space of an ICC profile ('RGB', 'GRAY', 'CMYK', ...; '?' if unreadable)."""
+    if len(icc) < 128:
+        return "?"
+    return icc[16:20].decode("ascii", "replace").strip() or "?"
+
+
 def save_image(tensor: torch.Tensor, path, *, alpha: Optional[torch.Tensor] = None,
-               bits: int = 8, gray: bool = False) -> list[str]:
+               bits: int = 8, gray: bool = False, icc: Optional[bytes] = None) -> list[str]:
     """Write a float tensor [3, H, W] (or [1, 3, H, W]) in [0, 1]; the format follows the
     extension of ``path``. ``alpha`` [1, H, W] / [H, W] in [0, 1] is written as the alpha
     channel; ``bits`` 16 (or 32: float input) writes 16-bit PNG/TIFF samples (float TIFF for a
-    grey 32); ``gray`` writes one channel (BT.601 luma). Where the format cannot hold what is
-    asked (JPEG: no alpha, 8 bits; BMP: 8 bits), it writes what it can and returns a note per
-    thing it dropped (else [])."""
+    grey 32); ``gray`` writes one channel (BT.601 luma); ``icc`` (an ICC profile, e.g.
+    ``ImageData.icc``) is embedded when its colour space matches the output (RGB, or GRAY for
+    ``gray``) and the format holds one (PNG, JPEG, TIFF). Where the format cannot hold what is
+    asked (JPEG: no alpha, 8 bits; BMP: 8 bits, no profile), it writes what it can and returns
+    a note per thing it dropped (else [])."""
     from PIL import Image
 
     if tensor.dim() == 4 and tensor.shape[0] == 1:
@@ -324,27 +344,42 @@ def save_image(tensor: torch.Tensor, path, *, alpha: Optional[torch.Tensor] = No
         notes.append(f"written with 8-bit samples ({ext.upper()} holds no {bits}-bit data; "
                      f"write .png to keep the depth)")
         bits = 8
+    if icc:
+        space, want = _icc_space(icc), "GRAY" if gray else "RGB"
+        if space != want:
+            notes.append(f"ICC profile not embedded (a {space} profile; the output is "
+                         f"{'grey' if gray else 'RGB'})")
+            icc = None
+        elif ext not in ("png", "jpg", "jpeg", "tif", "tiff"):
+            notes.append(f"ICC profile not embedded ({ext.upper()} holds none here; write .png "
+                         f"to keep it)")
+            icc = None
+    icc = icc or None
+    kw = {"icc_profile": icc} if icc else {}
     x = tensor.detach().to(torch.float64).clamp(0, 1).cpu()
     if gray:
         x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
     planes = x if alpha is None else torch.cat([x, alpha.detach().to(x).clamp(0, 1)[None]])
     hwc = planes.permute(1, 2, 0).numpy()
-    options = {"quality": 95} if ext in ("jpg", "jpeg") else {}
+    options = dict(kw, quality=95) if ext in ("jpg", "jpeg") else kw
     if bits == 32 and ext in ("tif", "tiff") and gray and alpha is None:
-        Image.fromarray(hwc[:, :, 0].astype(np.float32)).save(path)
+        Image.fromarray(hwc[:, :, 0].astype(np.float32)).save(path, **kw)
         return notes
     if bits > 8:
         a16 = np.round(hwc * 65535).astype(np.uint16)
         if ext == "png":
             with open(path, "wb") as f:
-                f.write(_png_bytes(a16))
+                f.write(_png_bytes(a16, icc))
             return notes
         if a16.shape[2] == 2:       # grey + alpha: as RGBA (PIL reads no 16-bit LA TIFF)
             a16 = a16[:, :, [0, 0, 0, 1]]
             notes.append("grey + alpha written as RGBA (16-bit grey + alpha TIFFs are not "
                          "widely readable; write .png to keep one grey channel)")
+            if icc:
+                notes.append("ICC profile not embedded (a GRAY profile; the TIFF is RGBA)")
+                icc = None
         with open(path, "wb") as f:                              # TIFF
-            f.write(_tiff_bytes(a16))
+            f.write(_tiff_bytes(a16, icc))
         return notes
     a8 = np.round(hwc * 255).astype(np.uint8)
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[a8.shape[2]]
