@@ -14,7 +14,9 @@ import importlib
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -353,18 +355,22 @@ class Trainer:
         self._val_items: Optional[List[Dict]] = None
 
     # ---- state ------------------------------------------------------------------------------
-    def save(self, point: Optional[Dict] = None) -> None:
+    def save(self, point: Optional[Dict] = None, alone: bool = False) -> None:
         """Checkpoint (collective under DDP: every rank contributes its RNG / sampler state,
         rank 0 writes). ``point``: the data position and RNG state to record instead of the
-        live ones (``_safe_point``, used after Ctrl-C in the middle of a step)."""
+        live ones (``_safe_point``, used after Ctrl-C in the middle of a step). ``alone``: rank
+        0 writes without the other ranks (after Ctrl-C under DDP, when they may be stopped):
+        the weights, optimizer and data position are the same on every rank after a step;
+        the other ranks' RNG states are left out (``rng`` None: their streams restart)."""
         epoch, batch_in_epoch = ((point["epoch"], point["batch_in_epoch"]) if point
                                  else (self.epoch, self.batch_in_epoch))
         rng = point["rng"] if point else rng_state()
         consumed = batch_in_epoch * int(self.cfg["train"]["batch_size"])
         if point and self.sampler_epoch != epoch:
             self.sampler.set_epoch(epoch)
-        per_rank = _gather({"rng": rng,
-                            "sampler": self.sampler.state_dict(consumed=consumed)}, self.world)
+        mine = {"rng": rng, "sampler": self.sampler.state_dict(consumed=consumed)}
+        per_rank = ([mine] + [dict(mine, rng=None) for _ in range(self.world - 1)] if alone
+                    else _gather(mine, self.world))
         if self.main:
             optim = (self.opt.state_dict() if self.cfg["train"].get("save_optimizer", True)
                      else None)
@@ -374,7 +380,7 @@ class Trainer:
                      "per_rank": per_rank, "world_size": self.world, "config": self.cfg}
             self.ckpt.save(self.step, self.model.state_dict(), self.ema.state_dict(self.model),
                            state, metadata=model_metadata(self.cfg, self.step))
-        if self.world > 1:
+        if self.world > 1 and not alone:
             dist.barrier()
         self.saved_step = self.step
 
@@ -404,7 +410,11 @@ class Trainer:
                   f"with {self.world}: data order and RNG continue approximately")
         if mine is not None:
             self.sampler.load_state_dict(mine["sampler"])
-            set_rng_state(mine["rng"])
+            if mine.get("rng") is not None:
+                set_rng_state(mine["rng"])
+        if self.main and any(r.get("rng") is None for r in st["per_rank"]):
+            print("varformer train: the checkpoint was written at Ctrl-C by rank 0 alone: the "
+                  "other ranks' random streams restart (data order and weights are exact)")
         if self.main:
             print(f"varformer train: resumed from step {self.step} ({info['state']})")
         return True
@@ -511,13 +521,15 @@ class Trainer:
 
     def save_interrupted(self) -> bool:
         """After Ctrl-C: checkpoint the last finished step if it is not saved yet and the
-        interruption did not fall inside an optimizer update or a save (single process
-        only). Returns whether a checkpoint was written."""
+        interruption did not fall inside an optimizer update or a save. Under DDP rank 0
+        writes it alone, with no collective (the other ranks may be stopped already); a
+        rank interrupted inside an update has no safe point and writes nothing. Returns
+        whether a checkpoint was written."""
         point = self._safe_point
-        if (self.world > 1 or point is None or point["step"] != self.step
+        if (not self.main or point is None or point["step"] != self.step
                 or self.step == self.saved_step or self.step == 0):
             return False
-        self.save(point)
+        self.save(point, alone=self.world > 1)
         return True
 
     def _after_step(self, rec: Dict[str, float], t0: float, s0: int, total: int) -> None:
@@ -636,13 +648,20 @@ def _interrupted(trainer, args, out: str) -> int:
               file=sys.stderr)
         return 130
     saved = False
-    if trainer.main or trainer.world > 1:
+    if trainer.main:
+        # torchrun passes the Ctrl-C on to every worker a second time: under DDP that second
+        # signal must not abort rank 0's save (its SIGKILL after a grace period still can)
+        ignore = trainer.world > 1 and threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignore else None
         try:
             saved = trainer.save_interrupted()
         except KeyboardInterrupt:
             saved = False
         except Exception as e:  # a failed emergency save must not hide the message
             print(f"varformer train: could not save step {trainer.step}: {e}", file=sys.stderr)
+        finally:
+            if ignore:
+                signal.signal(signal.SIGINT, previous)
     last = trainer.saved_step
     if trainer.main:
         what = (f"saved a checkpoint of step {last}" if saved else
