@@ -149,8 +149,9 @@ VF_INLINE bool window_tokens(const Geometry& g, int64_t w, int64_t* pix, int32_t
 // for the next window while the current one's heads run, spread over those heads (head h
 // fetches pixel rows [h N / heads, (h+1) N / heads)) and into L2, not L1: a window's rows
 // (up to 80 KB in the backward at VarFormer's 128² shape) issued at once filled the miss
-// queue and evicted the current window's rows from L1 (measured on a Zen 4 guest: forward
-// 1.4x and backward 1.3x faster at 128², 4x4 windows, than all rows into L1 at head 0).
+// queue and evicted the current window's rows from L1 (measured on a Zen 4 guest, 2 threads,
+// 128², 4x4 windows: forward 1.1-1.5x and backward 1.2-1.3x faster than all rows into L1 at
+// head 0; benchmarks/results/NOTES.md).
 template <typename T>
 VF_INLINE void prefetch_window(const Geometry& g, int64_t w, const T* base, int64_t ld,
                                bool write, int64_t part, int64_t parts) {

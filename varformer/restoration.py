@@ -189,8 +189,9 @@ def read_image_file(path) -> ImageData:
     8-bit modes (1, L, LA, P with or without transparency, RGB, RGBA, CMYK, YCbCr, HSV, LAB
     via an sRGB transform) scale by 1/255; 16-bit grey (I;16*), 16-bit colour PNGs and
     uncompressed 16-bit colour TIFFs by 1/65535; 32-bit integer images (I) whose values fit
-    16 bits by 1/65535; float images (F) must hold values in [0, 1]. Anything else (animated or multi-page files, I or F data
-    outside those ranges, NaN) raises ``ImageFormatError`` naming the file and the reason."""
+    16 bits by 1/65535; float images (F) must hold values in [0, 1]. Anything else (animated
+    or multi-page files, I or F data outside those ranges, NaN) raises ``ImageFormatError``
+    naming the file and the reason. The embedded ICC profile, if any, is returned unapplied."""
     from PIL import Image
 
     try:
@@ -263,9 +264,6 @@ def _tiff_bytes(a: np.ndarray, icc: Optional[bytes] = None) -> bytes:
 
     h, w, c = a.shape
     data = np.ascontiguousarray(a.astype("<u2")).tobytes()
-    if len(data) + 4096 >= 2 ** 32:
-        raise ValueError(f"image of {w}x{h}x{c} 16-bit samples is too large for a baseline "
-                         f"TIFF (4 GB); write .png")
     icc = icc or b""
     n_entries = (12 if c in (2, 4) else 11) + (1 if icc else 0)
     ifd_at = 8
@@ -274,6 +272,9 @@ def _tiff_bytes(a: np.ndarray, icc: Optional[bytes] = None) -> bytes:
     icc_at = fmt_at + 2 * c
     data_at = icc_at + len(icc)
     data_at += data_at % 2
+    if data_at + len(data) >= 2 ** 32:
+        raise ValueError(f"image of {w}x{h}x{c} 16-bit samples is too large for a baseline "
+                         f"TIFF (4 GB); write .png")
 
     def entry(tag, kind, count, value):           # kind 3 SHORT, 4 LONG
         if kind == 3 and count == 1:
@@ -286,8 +287,8 @@ def _tiff_bytes(a: np.ndarray, icc: Optional[bytes] = None) -> bytes:
             return struct.pack("<HHIHH", tag, 3, c, *vals)
         return entry(tag, 3, c, at)
 
-    entries = [entry(256, 4, 1, w), entry(257, 4, 1, h), shorts(258, bits_at), entry(259, 3, 1, 1),
-               entry(262, 3, 1, 1 if c <= 2 else 2), entry(273, 4, 1, data_at),
+    entries = [entry(256, 4, 1, w), entry(257, 4, 1, h), shorts(258, bits_at),
+               entry(259, 3, 1, 1), entry(262, 3, 1, 1 if c <= 2 else 2), entry(273, 4, 1, data_at),
                entry(277, 3, 1, c), entry(278, 4, 1, h), entry(279, 4, 1, len(data)),
                entry(284, 3, 1, 1)]
     if c in (2, 4):
@@ -354,7 +355,6 @@ def save_image(tensor: torch.Tensor, path, *, alpha: Optional[torch.Tensor] = No
             notes.append(f"ICC profile not embedded ({ext.upper()} holds none here; write .png "
                          f"to keep it)")
             icc = None
-    icc = icc or None
     kw = {"icc_profile": icc} if icc else {}
     x = tensor.detach().to(torch.float64).clamp(0, 1).cpu()
     if gray:
