@@ -240,12 +240,20 @@ def test_restore_api_takes_pil_images_of_any_mode(rng):
     assert np.asarray(restore(_Shift(), la, tile=32, overlap=4)).shape == (H, W, 3)
 
 
-def _tiff_be_strips(a16, rows_per_strip):
-    """An independent encoder for the reader's test: big-endian ('MM') uncompressed RGB(A)
-    16-bit TIFF, several strips, arrays after the pixel data."""
+def _tiff_be_strips(a16, rows_per_strip, deflate=False):
+    """An independent encoder for the reader's test: big-endian ('MM') RGB(A) 16-bit TIFF,
+    several strips, arrays after the pixel data; ``deflate``: zlib-compressed strips with the
+    horizontal-differencing predictor (as image editors save 16-bit 'ZIP' TIFFs)."""
     import struct
+    import zlib
     h, w, c = a16.shape
-    strips = [a16[y:y + rows_per_strip].astype(">u2").tobytes() for y in range(0, h, rows_per_strip)]
+    src = a16
+    if deflate:          # predictor 2: each sample minus its left neighbour, modulo 2^16
+        src = a16.copy()
+        src[:, 1:] = a16[:, 1:] - a16[:, :-1]
+    strips = [src[y:y + rows_per_strip].astype(">u2").tobytes() for y in range(0, h, rows_per_strip)]
+    if deflate:
+        strips = [zlib.compress(s) for s in strips]
     data = b"".join(strips)
     data_at = 8
     offs_at = data_at + len(data)
@@ -253,9 +261,11 @@ def _tiff_be_strips(a16, rows_per_strip):
     bits_at = counts_at + 4 * len(strips)
     ifd_at = bits_at + 2 * c
     offsets = [data_at + sum(len(s) for s in strips[:i]) for i in range(len(strips))]
-    e = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, c, bits_at), (259, 3, 1, 1),
+    e = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, c, bits_at), (259, 3, 1, 8 if deflate else 1),
          (262, 3, 1, 2), (273, 4, len(strips), offs_at), (277, 3, 1, c),
          (278, 4, 1, rows_per_strip), (279, 4, len(strips), counts_at)]
+    if deflate:
+        e.append((317, 3, 1, 2))
     if c == 4:
         e.append((338, 3, 1, 2))
     ent = b"".join(struct.pack(">HHIHH", t, k, n, v, 0) if k == 3 and n == 1
@@ -269,8 +279,8 @@ def _tiff_be_strips(a16, rows_per_strip):
 
 def test_16bit_colour_tiff_in_and_out(tmp_path, rng):
     """16-bit colour TIFFs keep their depth both ways (PIL alone reads and writes them with 8
-    bits): save_image writes them, read_image_file reads uncompressed ones in any strip layout
-    and byte order, and the data loader reads the same."""
+    bits): save_image writes them, read_image_file reads them in any strip layout, byte order
+    and compression PIL decodes, and the data loader reads the same."""
     x = torch.from_numpy(rng.random((3, H, W))).float()
     alpha = torch.from_numpy(rng.random((1, H, W))).float()
     assert save_image(x, tmp_path / "o16.tif", bits=16) == []
@@ -292,11 +302,13 @@ def test_16bit_colour_tiff_in_and_out(tmp_path, rng):
     torch.testing.assert_close(back.alpha, alpha, atol=0.6 / 65535, rtol=0)
     save_image(x, tmp_path / "g16.tif", bits=16, gray=True)
     assert Image.open(tmp_path / "g16.tif").mode == "I;16"
-    for c in (3, 4):
+    for c, deflate in [(3, False), (4, False), (3, True), (4, True)]:
         a16 = rng.integers(0, 65536, (H, W, c), dtype=np.uint16)
-        (tmp_path / f"be{c}.tif").write_bytes(_tiff_be_strips(a16, rows_per_strip=4))
-        assert Image.open(tmp_path / f"be{c}.tif").tile[0].args[0] == ("RGB", "RGBA")[c - 3] + ";16B"
-        _check(read_image_file(tmp_path / f"be{c}.tif"), a16[..., :3] / 65535,
+        f = tmp_path / f"be{c}{'z' if deflate else ''}.tif"
+        f.write_bytes(_tiff_be_strips(a16, rows_per_strip=4, deflate=deflate))
+        codec = Image.open(f).tile[0].codec_name
+        assert codec == ("libtiff" if deflate else "raw"), codec
+        _check(read_image_file(f), a16[..., :3] / 65535,
                alpha=a16[..., 3] / 65535 if c == 4 else None, bits=16)
 
 

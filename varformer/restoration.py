@@ -94,39 +94,34 @@ def _png16(path, im) -> Optional[np.ndarray]:
     return None
 
 
-_TIFF16_RAW = {"RGB;16L": ("<u2", 3), "RGB;16B": (">u2", 3), "RGBA;16L": ("<u2", 4),
-               "RGBA;16B": (">u2", 4)}
-
-
 def _tiff16(path, im) -> Optional[np.ndarray]:
-    """16-bit colour TIFFs stored uncompressed (one raw tile per strip), which PIL decodes to
-    8 bits: the full uint16 [H, W, C] array (C = 3 RGB, 4 RGBA) read from the strips; None
-    for anything else (compressed or tiled 16-bit colour TIFFs are read at 8 bits by PIL)."""
+    """16-bit colour TIFFs (RGB, RGBA; any compression PIL's TIFF support decodes), which PIL
+    decodes to the high bytes only: the full uint16 [H, W, C] array, from a second decode
+    whose unpacker reads the samples with the other byte order (so it keeps the low bytes);
+    None if the file is not such a TIFF or the trick fails."""
+    from PIL import Image
+
     tiles = getattr(im, "tile", None)
     if im.format != "TIFF" or not tiles:
         return None
-    w, h = im.size
     try:
-        args = {t.args[0] if isinstance(t.args, tuple) else t.args for t in tiles}
-        codecs = {t.codec_name for t in tiles}
-        if codecs != {"raw"} or len(args) != 1 or next(iter(args)) not in _TIFF16_RAW:
+        modes = {t.args[0] if isinstance(t.args, tuple) else t.args for t in tiles}
+        if len(modes) != 1:
             return None
-        dtype, c = _TIFF16_RAW[next(iter(args))]
-        out = np.empty((h, w, c), np.uint16)
-        rows = 0
-        with open(path, "rb") as f:
-            for t in sorted(tiles, key=lambda t: t.extents[1]):
-                x0, y0, x1, y1 = t.extents
-                if x0 != 0 or x1 != w or y0 != rows:
-                    return None
-                f.seek(t.offset)
-                n = (y1 - y0) * w * c
-                strip = np.frombuffer(f.read(2 * n), dtype=dtype)
-                if strip.size != n:
-                    return None
-                out[y0:y1] = strip.reshape(y1 - y0, w, c)
-                rows = y1
-        return out if rows == h else None
+        base, sep, order = next(iter(modes)).partition(";16")
+        if base not in ("RGB", "RGBA") or not sep or order not in ("L", "B", "N"):
+            return None
+        if order == "N":
+            order = "L" if sys.byteorder == "little" else "B"
+        low = f"{base};16{'B' if order == 'L' else 'L'}"
+        with Image.open(path) as lo_im:
+            lo_im.tile = [t._replace(args=(low,) + tuple(t.args[1:])) for t in lo_im.tile]
+            lo = np.asarray(lo_im)
+        with Image.open(path) as hi_im:
+            hi = np.asarray(hi_im)
+        if lo.shape != hi.shape or lo.dtype != np.uint8:
+            return None
+        return hi.astype(np.uint16) * 256 + lo
     except Exception:  # unusual layouts: PIL's 8-bit decode
         return None
 
@@ -188,7 +183,7 @@ def read_image_file(path) -> ImageData:
 
     8-bit modes (1, L, LA, P with or without transparency, RGB, RGBA, CMYK, YCbCr, HSV, LAB
     via an sRGB transform) scale by 1/255; 16-bit grey (I;16*), 16-bit colour PNGs and
-    uncompressed 16-bit colour TIFFs by 1/65535; 32-bit integer images (I) whose values fit
+    TIFFs by 1/65535; 32-bit integer images (I) whose values fit
     16 bits by 1/65535; float images (F) must hold values in [0, 1]. Anything else (animated
     or multi-page files, I or F data outside those ranges, NaN) raises ``ImageFormatError``
     naming the file and the reason. The embedded ICC profile, if any, is returned unapplied."""

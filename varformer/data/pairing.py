@@ -171,8 +171,8 @@ def read_image(path: Union[str, Path]):
     """Read an image file as a float32 tensor [3, H, W] in [0, 1], RGB.
 
     ``varformer.restoration.read_image_file`` without the alpha channel: every PIL mode
-    (grey repeated to 3 channels, palette, CMYK, 16-bit grey and colour PNGs scaled by
-    1/65535, float images in [0, 1]), EXIF orientation applied. Raises OSError naming the
+    (grey repeated to 3 channels, palette, CMYK, 16-bit grey and colour PNGs and TIFFs scaled
+    by 1/65535, float images in [0, 1]), EXIF orientation applied. Raises OSError naming the
     file if it cannot be read, decoded or converted faithfully.
     """
     from varformer.restoration import read_image_file
