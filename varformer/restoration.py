@@ -65,6 +65,22 @@ def _orient(a: np.ndarray, orientation) -> np.ndarray:
     return np.ascontiguousarray(ops[orientation](a))
 
 
+def _high_low(path, low_args) -> np.ndarray:
+    """uint16 samples of a 16-bit file whose 8-bit decode by PIL keeps the high bytes: that
+    decode plus one whose tiles unpack with ``low_args(tile)`` (the other byte order, so the
+    low bytes)."""
+    from PIL import Image
+
+    with Image.open(path) as lo_im:
+        lo_im.tile = [t._replace(args=low_args(t)) for t in lo_im.tile]
+        lo = np.asarray(lo_im)
+    with Image.open(path) as hi_im:
+        hi = np.asarray(hi_im)
+    if lo.shape != hi.shape or lo.dtype != np.uint8:
+        raise ValueError("the two decodes differ")
+    return hi.astype(np.uint16) * 256 + lo
+
+
 def _png16(path, im) -> Optional[np.ndarray]:
     """16-bit colour PNGs, which PIL decodes to 8 bits: the full uint16 [H, W, C] array
     (C = 2 grey + alpha, 3 RGB, 4 RGBA), decoded by PIL twice (high and low bytes) or, for
@@ -78,12 +94,7 @@ def _png16(path, im) -> Optional[np.ndarray]:
     raw = raw[0] if isinstance(raw, tuple) else raw
     try:
         if raw in _PNG16_RAW:
-            with Image.open(path) as lo_im:
-                lo_im.tile = [lo_im.tile[0]._replace(args=_PNG16_RAW[raw])]
-                lo = np.asarray(lo_im)
-            with Image.open(path) as hi_im:
-                hi = np.asarray(hi_im)
-            return hi.astype(np.uint16) * 256 + lo
+            return _high_low(path, lambda t: _PNG16_RAW[raw])
         if raw == "LA;16B":                    # 4 bytes per pixel: read them as 8-bit RGBA
             with Image.open(path) as b_im:
                 b_im.tile = [b_im.tile[0]._replace(args="RGBA")]
@@ -96,11 +107,8 @@ def _png16(path, im) -> Optional[np.ndarray]:
 
 def _tiff16(path, im) -> Optional[np.ndarray]:
     """16-bit colour TIFFs (RGB, RGBA; any compression PIL's TIFF support decodes), which PIL
-    decodes to the high bytes only: the full uint16 [H, W, C] array, from a second decode
-    whose unpacker reads the samples with the other byte order (so it keeps the low bytes);
-    None if the file is not such a TIFF or the trick fails."""
-    from PIL import Image
-
+    decodes to 8 bits: the full uint16 [H, W, C] array (``_high_low``); None if the file is not
+    such a TIFF or the trick fails."""
     tiles = getattr(im, "tile", None)
     if im.format != "TIFF" or not tiles:
         return None
@@ -114,14 +122,7 @@ def _tiff16(path, im) -> Optional[np.ndarray]:
         if order == "N":
             order = "L" if sys.byteorder == "little" else "B"
         low = f"{base};16{'B' if order == 'L' else 'L'}"
-        with Image.open(path) as lo_im:
-            lo_im.tile = [t._replace(args=(low,) + tuple(t.args[1:])) for t in lo_im.tile]
-            lo = np.asarray(lo_im)
-        with Image.open(path) as hi_im:
-            hi = np.asarray(hi_im)
-        if lo.shape != hi.shape or lo.dtype != np.uint8:
-            return None
-        return hi.astype(np.uint16) * 256 + lo
+        return _high_low(path, lambda t: (low,) + tuple(t.args[1:]))
     except Exception:  # unusual layouts: PIL's 8-bit decode
         return None
 
@@ -252,15 +253,15 @@ def _png_bytes(a: np.ndarray, icc: Optional[bytes] = None) -> bytes:
 
 
 def _tiff_bytes(a: np.ndarray, icc: Optional[bytes] = None) -> bytes:
-    """An uncompressed little-endian baseline TIFF of uint16 [H, W, C] (C = 1 grey, 2 grey +
-    alpha, 3 RGB, 4 RGBA; alpha unassociated), one strip of chunky samples; ``icc``: an ICC
-    profile to embed (tag 34675)."""
+    """An uncompressed little-endian baseline TIFF of uint16 [H, W, C] (C = 1 grey, 3 RGB,
+    4 RGBA; alpha unassociated), one strip of chunky samples; ``icc``: an ICC profile to embed
+    (tag 34675)."""
     import struct
 
     h, w, c = a.shape
     data = np.ascontiguousarray(a.astype("<u2")).tobytes()
     icc = icc or b""
-    n_entries = (12 if c in (2, 4) else 11) + (1 if icc else 0)
+    n_entries = (12 if c == 4 else 11) + (1 if icc else 0)
     ifd_at = 8
     extra_at = ifd_at + 2 + 12 * n_entries + 4        # arrays that do not fit in an entry
     bits_at, fmt_at = extra_at, extra_at + 2 * c
@@ -276,17 +277,14 @@ def _tiff_bytes(a: np.ndarray, icc: Optional[bytes] = None) -> bytes:
             return struct.pack("<HHIHH", tag, kind, count, value, 0)
         return struct.pack("<HHII", tag, kind, count, value)
 
-    def shorts(tag, at):                          # c SHORTs: inline when they fit in 4 bytes
-        if c <= 2:
-            vals = [16 if tag == 258 else 1] * c + [0] * (2 - c)
-            return struct.pack("<HHIHH", tag, 3, c, *vals)
-        return entry(tag, 3, c, at)
+    def shorts(tag, at):                          # c SHORTs: inline when one
+        return entry(tag, 3, 1, 16 if tag == 258 else 1) if c == 1 else entry(tag, 3, c, at)
 
     entries = [entry(256, 4, 1, w), entry(257, 4, 1, h), shorts(258, bits_at),
-               entry(259, 3, 1, 1), entry(262, 3, 1, 1 if c <= 2 else 2), entry(273, 4, 1, data_at),
+               entry(259, 3, 1, 1), entry(262, 3, 1, 1 if c == 1 else 2), entry(273, 4, 1, data_at),
                entry(277, 3, 1, c), entry(278, 4, 1, h), entry(279, 4, 1, len(data)),
                entry(284, 3, 1, 1)]
-    if c in (2, 4):
+    if c == 4:
         entries.append(entry(338, 3, 1, 2))       # ExtraSamples: unassociated alpha
     entries.append(shorts(339, fmt_at))           # SampleFormat: unsigned integer
     if icc:
