@@ -1,8 +1,9 @@
 """Benchmark harness shared by every op (installed as ``varformer.benchmarks.harness``).
 
 * time: CUDA — ``triton.testing.do_bench`` (CUDA events, median and p20/p80, gradients reset
-  between runs); CPU — wall-clock median and p20/p80 over repeated calls, by default in
-  interleaved rounds (``run_case(rounds=)``), speed-ups the median of per-round ratios.
+  between runs); CPU — wall-clock median, p20/p80 and mean over repeated calls, by default in
+  interleaved rounds (``run_case(rounds=)``), speed-ups the median of per-round ratios of
+  medians, or on a loaded machine (``stat="mean"``) of means over each round's whole budget.
 * peak memory: CUDA — ``max_memory_allocated`` above what was allocated before the call; CPU —
   the process's resident high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
   above the resident size before the call, the least of three calls (one call when quick).
@@ -433,9 +434,11 @@ def peak_memory_mb(fn: Callable[[], object], device: str, calls: int = 3) -> flo
     return min(peaks)
 
 
-def _cpu_times(fn, grad_to_none, budget_s: float, min_calls: int, max_calls: int = 50):
+def _cpu_times(fn, grad_to_none, budget_s: float, min_calls: int, max_calls: int | None = 50):
     """Wall-clock milliseconds of repeated calls of ``fn``: at least ``min_calls``, then as
-    many as fit in ``budget_s`` seconds, at most ``max_calls``; gradients reset between."""
+    many as fit in ``budget_s`` seconds, at most ``max_calls`` (None: no cap); gradients reset
+    between."""
+    max_calls = max_calls if max_calls is not None else 1 << 62
     times, t_end = [], time.perf_counter() + budget_s
     while len(times) < min_calls or (time.perf_counter() < t_end and len(times) < max_calls):
         if grad_to_none:
@@ -531,6 +534,7 @@ class Row:
     note: str = ""
     baseline: bool = False
     flop_peak: float = float("nan")     # achieved FLOP/s over the device's peak FLOP/s
+    mean_ms: float = float("nan")       # CPU: mean time per call (the throughput's inverse)
 
 
 class Log:
@@ -605,7 +609,7 @@ def _error_note(exc: Exception) -> str:
 
 def run_case(case: Case, device: str, modes=None, quick=False,
              log: Callable[[str], None] = print, widths: tuple = (34, 24),
-             rounds: int = 1) -> list[Row]:
+             rounds: int = 1, stat: str = "median") -> list[Row]:
     """Measure every provider of ``case`` in every mode; ``log`` gets one line per measurement
     (shape and provider padded to ``widths``). Speed-ups are against the baseline provider of
     the same dtype (and of fp32).
@@ -614,7 +618,16 @@ def run_case(case: Case, device: str, modes=None, quick=False,
     interleaved rounds, in an order rotated each round, each round with its share of the time
     budget and calls (at least ceil(3 / rounds) calls). Times are over all rounds; a speed-up
     is the median over rounds of the baseline's round median over the provider's, so that a
-    machine whose speed drifts (a shared host) shifts both sides of each ratio alike."""
+    machine whose speed drifts (a shared host) shifts both sides of each ratio alike.
+
+    ``stat="mean"`` (CPU; ``varformer bench --load``): every round uses its whole time budget
+    (no cap on the calls) and ratios are of mean times per call, i.e. of throughput. On an
+    oversubscribed machine a call's time has a long tail (a descheduled thread holds up a
+    whole parallel region for a time slice) that a median of a few dozen calls does not see."""
+    if stat not in ("median", "mean"):
+        raise ValueError(f"run_case: stat must be 'median' or 'mean', got {stat!r}")
+    by_mean = stat == "mean" and device != "cuda"
+    center = statistics.fmean if by_mean else statistics.median
     peaks = device_peaks(device)
     modes = modes or case.modes
     tiny = smoke()
@@ -642,7 +655,7 @@ def run_case(case: Case, device: str, modes=None, quick=False,
                     t0 = time.perf_counter()
                     try:
                         ts = _cpu_times(fn, grads, budget, -(-3 // rounds),
-                                        max(1, 50 // rounds))
+                                        None if by_mean else max(1, 50 // rounds))
                     except Exception as exc:
                         prepared[i][0], prepared[i][3] = None, _error_note(exc)
                         samples[i], meds[i] = [], []
@@ -650,27 +663,35 @@ def run_case(case: Case, device: str, modes=None, quick=False,
                     finally:
                         took[i] += time.perf_counter() - t0
                     samples[i] += ts
-                    meds[i].append(statistics.median(ts))
+                    meds[i].append(center(ts))
             for i in range(len(provs)):
                 fn, grads, peak, note = prepared[i]
                 ms, p20, p80 = _stats(samples[i]) if samples[i] else (float("nan"),) * 3
+                mean = statistics.fmean(samples[i]) if samples[i] else float("nan")
                 if not samples[i]:
                     peak = float("nan")
-                results[i] = (ms, p20, p80, peak, note, took[i], meds[i])
+                results[i] = (ms, p20, p80, peak, note, took[i], meds[i], mean)
             del prepared
             gc.collect()
         mode_rows = []
         for i, prov in enumerate(provs):
             if interleave:
-                ms, p20, p80, peak, note, took, _ = results[i]
+                ms, p20, p80, peak, note, took, _, mean = results[i]
             else:
                 t_start = time.perf_counter()
                 fn, grads, peak, note = _prepare(prov, mode, device, calls)
-                ms = p20 = p80 = float("nan")
+                ms = p20 = p80 = mean = float("nan")
                 if fn is not None:
                     try:
-                        ms, p20, p80 = time_ms(fn, device, grads, quick,
-                                               reps=1 if tiny else None, warmup=False)
+                        if device == "cuda":
+                            ms, p20, p80 = time_ms(fn, device, grads, quick,
+                                                   reps=1 if tiny else None, warmup=False)
+                        else:
+                            ts = (_cpu_times(fn, grads, 0.0, 1, 1) if tiny else
+                                  _cpu_times(fn, grads, 1.0 if quick else 5.0, 3,
+                                             None if by_mean else 50))
+                            ms, p20, p80 = _stats(ts)
+                            mean = statistics.fmean(ts)
                     except Exception as exc:
                         note, peak = _error_note(exc), float("nan")
                 del fn, grads
@@ -688,7 +709,7 @@ def run_case(case: Case, device: str, modes=None, quick=False,
             fpk = tfl * 1e12 / peaks.flops[prov.dtype] if known else float("nan")
             row = Row(case.op, case.shape, mode, prov.name, str(prov.dtype).replace("torch.", ""),
                       ms, p20, p80, peak, tfl, gbs, roof, float("nan"), note=note,
-                      baseline=prov.baseline, flop_peak=fpk)
+                      baseline=prov.baseline, flop_peak=fpk, mean_ms=mean)
             mode_rows.append(row)
             log(f"{case.shape:<{widths[0]}} {mode:<8} {prov.name:<{widths[1]}} {row.dtype:<8} "
                 f"{_f(ms, '9.3f'):>9} ms  {_f(peak, '9.1f'):>9} MB  ({took:.1f} s) {note}")
@@ -701,6 +722,8 @@ def run_case(case: Case, device: str, modes=None, quick=False,
                     if interleave:
                         pairs = [x / y for x, y in zip(results[b][6], results[i][6]) if y > 0]
                         val = statistics.median(pairs) if pairs else float("nan")
+                    elif by_mean:
+                        val = mode_rows[b].mean_ms / r.mean_ms if r.mean_ms > 0 else float("nan")
                     else:
                         val = mode_rows[b].ms / r.ms
                 setattr(r, attr, val)
@@ -887,6 +910,7 @@ def markdown(rows: list[Row], device: str | None = None) -> str:
             ("provider", lambda r: r.provider), ("dtype", lambda r: r.dtype),
             ("median ms (p20–p80)",
              lambda r: f"{_f(r.ms, '.3f')} ({_f(r.p20, '.3f')}–{_f(r.p80, '.3f')})"),
+            ("mean ms", lambda r: _f(r.mean_ms, ".3f")),
             ("vs eager same dtype", lambda r: "-" if r.speedup != r.speedup
              else f"{r.speedup:.2f}×"),
             ("vs eager fp32", lambda r: "-" if r.vs_fp32 != r.vs_fp32 else f"{r.vs_fp32:.2f}×"),
@@ -901,7 +925,7 @@ def markdown(rows: list[Row], device: str | None = None) -> str:
     keep = []
     for j, (name, _) in enumerate(cols):
         vals = [c[j] for c in cells]
-        if j >= 6 and all(v in ("-", "") for v in vals):
+        if j >= 5 and all(v in ("-", "") for v in vals):
             continue
         if name == "vs eager fp32" and all(r.dtype == "float32" for r in rows):
             continue
@@ -941,9 +965,10 @@ def summary(rows: list[Row]) -> list[str]:
 
 
 def plot(rows: list[Row], path: str, device: str | None = None,
-         device_name: str | None = None) -> bool:
+         device_name: str | None = None, stat: str = "median") -> bool:
     """Bar chart of the speed-ups over the baseline (one panel per op, grouped by shape and
-    mode), values on the bars, a line at 1×. False if matplotlib is missing or nothing to plot."""
+    mode), values on the bars, a line at 1×; ``stat`` names the time they are ratios of. False
+    if matplotlib is missing or nothing to plot."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1003,9 +1028,9 @@ def plot(rows: list[Row], path: str, device: str | None = None,
             ax.set_xlim(0, max(hi, 1) * 1.25)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}×"))
         base = bases.get(op, "the baseline")
-        ax.set_xlabel(f"speed-up = median time of {base} / median time (same dtype); "
+        ax.set_xlabel(f"speed-up = {stat} time of {base} / {stat} time (same dtype); "
                       f"> 1× is faster" + (", log scale" if log_axis else ""), fontsize=8)
-        ax.set_title(f"{op}: speed-up over {base}, median time\n{device_name}, "
+        ax.set_title(f"{op}: speed-up over {base}, {stat} time\n{device_name}, "
                      f"{', '.join(dtypes)}", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         ax.grid(axis="x", alpha=0.3)
@@ -1055,19 +1080,26 @@ def metadata(device: str, command: str, load: "BackgroundLoad | None" = None) ->
             "torch": torch.__version__, "triton": tv, "command": command}
 
 
-def timing_line(device: str, rounds: int, quick: bool, smoke: bool = False) -> str:
-    """How ``run_case`` timed this run, for the table header."""
+def timing_line(device: str, rounds: int, quick: bool, smoke: bool = False,
+                stat: str = "median") -> str:
+    """How ``run_case`` timed this run (``stat`` as passed to it), for the table header."""
     if smoke:
         return "one call per implementation (VARFORMER_BENCH_SMOKE=1: not for numbers)"
     if device == "cuda":
         return "triton do_bench (CUDA events), median and p20/p80"
     budget = "1 s" if quick else "5 s"
+    if stat == "mean":
+        calls = f"{budget} of calls each in all, at least 3, no cap"
+        what, why = "means", ("; means, not medians, because on a loaded machine a call's time "
+                              "has a long tail that the median leaves out")
+    else:
+        calls, what, why = f"{budget} of calls each in all, at least 3, at most 50", "medians", ""
     if rounds <= 1:
-        return (f"wall clock, one implementation after the other, {budget} of calls each (at "
-                f"least 3); speed-up = ratio of medians")
+        return (f"wall clock, one implementation after the other, {calls}; speed-up = ratio "
+                f"of {what}{why}")
     return (f"wall clock, implementations of a shape interleaved in {rounds} rounds (rotated "
-            f"order, {budget} of calls each in all, at least 3); speed-up = median over rounds "
-            f"of the per-round ratio of medians")
+            f"order, {calls}); speed-up = median over rounds of the per-round ratio of "
+            f"{what}{why}")
 
 
 def metadata_lines(meta: dict) -> list[str]:

@@ -480,6 +480,49 @@ def test_interleaved_rounds_pair_each_ratio_in_time(monkeypatch, rounds):
         assert calls[0] is not calls[2] or rounds == 1      # the order rotates
 
 
+def _tailed_case(clock, n):
+    """On a fake clock: the baseline's calls take 1 ms, but every fifth 100 ms (a descheduled
+    thread); the other provider's always 3 ms. Medians say 0.33x, throughput says ~7x. n[0]
+    counts the baseline's calls, n[1] the other's."""
+
+    def tailed():
+        n[0] += 1
+        clock[0] += 0.1 if n[0] % 5 == 0 else 0.001
+
+    def steady():
+        n[1] += 1
+        clock[0] += 0.003
+    return harness.Case("toy", "tail", lambda m: 1e6, lambda m, dt: 1e6,
+                        [harness.Provider("tailed", torch.float32, lambda mode: (tailed, None),
+                                          baseline=True),
+                         harness.Provider("steady", torch.float32, lambda mode: (steady, None))],
+                        modes=("fwd",))
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_mean_statistic_compares_throughput_with_every_call_of_the_budget(monkeypatch, rounds):
+    """stat="mean" (bench --load): ratios of mean times, calls until the budget is spent (more
+    than the median's cap of 50); the median statistic on the same case says the opposite."""
+    import types
+    monkeypatch.delenv("VARFORMER_BENCH_SMOKE", raising=False)
+    harness.cpu_peaks()
+    clock, n = [0.0], [0, 0]
+    monkeypatch.setattr(harness, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    tailed, steady = harness.run_case(_tailed_case(clock, n), "cpu", quick=True, rounds=rounds,
+                                      log=lambda s: None)
+    assert steady.speedup == pytest.approx(1 / 3, rel=0.05) and n[1] < 60   # capped
+    n[:] = [0, 0]
+    tailed, steady = harness.run_case(_tailed_case(clock, n), "cpu", quick=True, rounds=rounds,
+                                      log=lambda s: None, stat="mean")
+    assert tailed.mean_ms == pytest.approx(20.8, rel=0.1) and tailed.ms == pytest.approx(1.0)
+    assert steady.mean_ms == pytest.approx(3.0) and steady.speedup == pytest.approx(6.9, rel=0.15)
+    assert n[1] >= 300                 # the whole 1 s budget of 3 ms calls, past the cap
+    table = harness.markdown([tailed, steady], "cpu")
+    assert "| mean ms |" in table.splitlines()[0].replace("(p20–p80) |", "|")
+    with pytest.raises(ValueError, match="stat must be 'median' or 'mean'"):
+        harness.run_case(_tailed_case(clock, n), "cpu", stat="p50")
+
+
 def test_interleaved_rounds_keep_a_failing_provider_a_result(monkeypatch):
     """A provider that raises while being timed in round 2 is a row with its error, the
     others are unaffected."""
@@ -507,6 +550,9 @@ def test_timing_line_names_the_method():
     assert "one implementation after the other" in harness.timing_line("cpu", 1, False)
     assert "do_bench" in harness.timing_line("cuda", 3, False)
     assert "SMOKE" in harness.timing_line("cpu", 3, True, smoke=True)
+    assert "ratio of medians" in harness.timing_line("cpu", 3, True)
+    assert "ratio of means" in harness.timing_line("cpu", 3, True, stat="mean")
+    assert "no cap" in harness.timing_line("cpu", 1, True, stat="mean")
 
 
 # ------------------------------------------------------------------------------ the CLI

@@ -120,7 +120,9 @@ def _bench_run(args, harness, device, ops, dtypes, smoke, quick, state) -> int:
         meta = harness.metadata(device, _bench_command(args, device, smoke), load)
         rounds = 1 if device == "cuda" or smoke else (DEFAULT_CPU_ROUNDS if args.rounds is None
                                                       else args.rounds)
-        meta["timing"] = harness.timing_line(device, rounds, quick, smoke)
+        # on a loaded machine a call's time has a long tail: compare throughput (mean times)
+        stat = "mean" if args.load and device != "cuda" else "median"
+        meta["timing"] = harness.timing_line(device, rounds, quick, smoke, stat)
         head = ["# varformer bench", ""] + harness.metadata_lines(meta)
         widths = harness.line_widths(c for _, cases in plan for c in cases)
         # set before the header is printed: an interrupt from then on names where it stopped
@@ -142,7 +144,7 @@ def _bench_run(args, harness, device, ops, dtypes, smoke, quick, state) -> int:
                 rows = []
                 for case in cases:
                     case_rows = harness.run_case(case, device, quick=quick, rounds=rounds,
-                                                 log=log.measurement, widths=widths)
+                                                 log=log.measurement, widths=widths, stat=stat)
                     if csv_path:  # written per shape: an interrupted run keeps what it measured
                         meta["loadavg"] = "{:.2f} {:.2f} {:.2f}".format(*harness.loadavg())
                         harness.write_csv(case_rows, csv_path, meta)
@@ -155,7 +157,7 @@ def _bench_run(args, harness, device, ops, dtypes, smoke, quick, state) -> int:
                 if args.out and rows:
                     harness.plot(rows, os.path.join(args.out, f"{op}_{device}.png"), device,
                                  meta["device"] + ("" if meta["load"] == "none"
-                                                   else f", {meta['load']}"))
+                                                   else f", {meta['load']}"), stat)
                 if md_path:     # rewritten after each op: an interrupted run keeps those done
                     with open(md_path, "w") as f:
                         f.write("\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n")
@@ -377,7 +379,9 @@ def main(argv=None) -> int:
     b.add_argument("--load", type=int, default=0, metavar="N",
                    help="run N background busy processes for the whole run, each with as many "
                         "busy threads as the benchmark uses (hashing in a loop): reproduces an "
-                        "oversubscribed machine; they are killed when the run ends")
+                        "oversubscribed machine; they are killed when the run ends. CPU "
+                        "speed-ups are then ratios of mean times (throughput), each round using "
+                        "its whole time budget, since a loaded machine's times have long tails")
     b.add_argument("--rounds", type=int, metavar="R",
                    help="CPU: time the implementations of a shape in R interleaved rounds "
                         "(rotated order; speed-up = median of the per-round ratios), so that a "
