@@ -1,7 +1,9 @@
 """The quantizer's φ step on CPU under background load: VAR's φ (eager, NCHW) against the C++
-``phi_update`` with its load-aware thread count and with every thread forced
-(``VARFORMER_LOAD_AWARE=0``), in alternating rounds of 1 s each, reporting per implementation
-the calls made, median, mean, p80 and p95 wall time.
+``phi_update`` as it runs by default (OpenMP when quiet, its helper pool when busy), on OpenMP
+cut to the free CPUs (``VARFORMER_CPU_POOL=0``, the rule before the pool), on OpenMP with every
+thread (also ``VARFORMER_LOAD_AWARE=0``) and on the helper pool always
+(``VARFORMER_CPU_POOL=1``), in alternating rounds of 1 s each, reporting per implementation the
+calls made, median, mean, p80 and p95 wall time.
 
 On an oversubscribed machine the median and the mean part ways: most calls run at full speed,
 some wait a time slice for a descheduled team thread. The mean (throughput) is what a loop of
@@ -47,17 +49,21 @@ def main(argv=None) -> int:
     def fused():
         torch.ops.varformer_ext.phi_update(hn, w, b, 1 - r, r, fhn, frn)
 
-    impls = [("eager (VAR's φ)", eager, None), ("phi_update, load-aware", fused, "1"),
-             ("phi_update, every thread", fused, "0")]
-    times = {name: [] for name, _, _ in impls}
-    old = os.environ.get("VARFORMER_LOAD_AWARE")
+    # (name, callable, VARFORMER_LOAD_AWARE, VARFORMER_CPU_POOL)
+    impls = [("eager (VAR's φ)", eager, "1", ""),
+             ("phi_update (default: auto)", fused, "1", ""),
+             ("phi_update, OpenMP, load-aware", fused, "1", "0"),
+             ("phi_update, OpenMP, every thread", fused, "0", "0"),
+             ("phi_update, helper pool always", fused, "1", "1")]
+    times = {name: [] for name, *_ in impls}
+    keys = ("VARFORMER_LOAD_AWARE", "VARFORMER_CPU_POOL")
+    old = {k: os.environ.get(k) for k in keys}
     with BackgroundLoad(args.load, torch.get_num_threads()) as load:
         time.sleep(1.0)
         try:
             for _ in range(args.rounds):
-                for name, fn, aware in impls:
-                    if aware is not None:
-                        os.environ["VARFORMER_LOAD_AWARE"] = aware
+                for name, fn, *env in impls:
+                    os.environ.update(zip(keys, env))
                     fn()
                     t_end = time.perf_counter() + 1.0
                     while time.perf_counter() < t_end:
@@ -65,16 +71,17 @@ def main(argv=None) -> int:
                         fn()
                         times[name].append((time.perf_counter() - t0) * 1e3)
         finally:
-            if old is None:
-                os.environ.pop("VARFORMER_LOAD_AWARE", None)
-            else:
-                os.environ["VARFORMER_LOAD_AWARE"] = old
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     print(f"φ step B={B} (3x3 conv {C}->{C} at 16x16), {torch.get_num_threads()} threads, "
           f"ISA {_ext.cpu_isa()}, {load.describe()}, {args.rounds} rounds of 1 s")
     for name, ts in times.items():
         ts.sort()
         q = lambda p: ts[min(len(ts) - 1, int(p * len(ts)))]  # noqa: E731
-        print(f"{name:26s} calls {len(ts):6d}  median {statistics.median(ts):8.3f} ms  "
+        print(f"{name:34s} calls {len(ts):6d}  median {statistics.median(ts):8.3f} ms  "
               f"mean {statistics.fmean(ts):8.3f} ms  p80 {q(0.8):8.3f}  p95 {q(0.95):8.3f}")
     return 0
 

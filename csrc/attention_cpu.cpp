@@ -21,8 +21,9 @@
 // key chunks (dk/dv exact, dq one partial per group), whichever side has more blocks; partials
 // are summed in group order, so results do not depend on the thread count.
 //
-// Threads: torch's pool, one parallel region per pass, units from an atomic counter, and on a
-// busy machine at most the CPUs other processes leave free (cpu_threads.h). Workers run with
+// Threads: run_blocks (cpu_threads.h: torch's OpenMP pool on a quiet machine, the extension's own
+// helper pool on a busy one), one block loop per pass and per merge of partials, units from an
+// atomic counter. Workers run with
 // denormals flushed (FTZ/DAZ); exp is exactly 0 below -80 (cpu_math.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -614,13 +615,11 @@ void backward_unit_base(const Args<T>& a, int64_t u, int64_t groups, bool by_q, 
 // ------------------------------------------------------------------------------ ISA, threads
 Isa isa() { return varformer_cpu::widest_isa(); }
 
-// Threads for `macs` multiply-adds over `units` units: none beyond one per 2^20 multiply-adds,
-// and on a busy machine at most the CPUs other processes leave free.
+// Threads for `macs` multiply-adds over `units` units: none beyond one per 2^20 multiply-adds
+// (run_blocks decides where they run on a busy machine).
 int64_t call_threads(double macs, int64_t units) {
   const int64_t by_work = std::max<int64_t>(1, static_cast<int64_t>(macs / double(1 << 20)));
-  const int64_t want = std::max<int64_t>(
-      1, std::min<int64_t>({int64_t(at::get_num_threads()), units, by_work}));
-  return varformer_cpu::load_aware_threads(want);
+  return std::max<int64_t>(1, std::min<int64_t>({int64_t(at::get_num_threads()), units, by_work}));
 }
 
 // Scratch with denormals flushed for the worker's lifetime (MXCSR is per thread; restored).
@@ -695,7 +694,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (kgroups == 1) return;
   // merge the key groups' partials row by row, in group order
   const int64_t rows = a.G * a.Tq, d = a.d, nkc = kgroups;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / d), [&](int64_t r0, int64_t r1) {
+  varformer_cpu::run_range(rows, std::max<int64_t>(1, 4096 / d), at::get_num_threads(),
+                           [&](int64_t r0, int64_t r1) {
     std::vector<T> w(nkc);
     for (int64_t r = r0; r < r1; ++r) {
       T top = pl_p[r];
@@ -742,7 +742,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const int64_t G = a.G, d = a.d;
   auto reduce = [&](T* dst, const T* src, int64_t rows_per_head) {
     const int64_t n = G * rows_per_head * d, stride = n;
-    at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
+    varformer_cpu::run_range(n, 16384, at::get_num_threads(), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         T acc = src[i];
         for (int64_t grp = 1; grp < groups; ++grp) acc += src[grp * stride + i];

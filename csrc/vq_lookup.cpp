@@ -15,10 +15,11 @@
 // for finite inputs; tokens (or codebooks) that could meet a non-finite distance take an exact
 // scalar scan with torch.argmin's NaN rule instead.
 //
-// Threads: torch's own pool (at::parallel_for, i.e. the OpenMP runtime torch itself runs on),
-// one parallel region per call, items handed out dynamically (a thread the OS delays does not
-// hold back the others' work); calls too small to pay for a region run on the calling thread,
-// and on an oversubscribed machine a short call uses only the CPUs other processes leave free. Extra memory: per-thread tiles, plus O(N) partials when codes are split (small N).
+// Threads: run_blocks (cpu_threads.h: torch's OpenMP pool on a quiet machine, the extension's
+// own helper pool on a busy one), one loop per call, items handed out dynamically (a thread the
+// OS delays does not hold back the others' work); calls too small to pay for it run on the
+// calling thread. Extra memory: per-thread tiles, plus O(N) partials when codes are split
+// (small N).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -50,8 +51,6 @@
 
 namespace varformer_vq {
 namespace {
-
-using varformer_cpu::load_aware_threads;  // cpu_threads.h
 
 // ------------------------------------------------------------------------------ ISA variants
 struct Variant {
@@ -138,13 +137,9 @@ template <> ScanFn<double, int64_t> scan_of<double>(const IsaKernels& k) { retur
 template <typename T>
 constexpr T finite_limit() { return std::numeric_limits<T>::max() / T(16); }
 
-// Multiply-adds below which one thread does the whole call (a parallel region costs more,
-// and far more on a loaded machine).
+// Multiply-adds below which one thread does the whole call (a parallel loop costs more).
+// Longer calls ask for all of torch's threads; run_blocks decides where they run.
 constexpr int64_t kSerialMacs = int64_t(1) << 21;
-// Multiply-adds below which a call on a busy machine keeps to the CPUs left free (a short
-// region loses more to one descheduled team thread than it gains); longer calls keep every
-// thread, which also keeps the process's share of a contended machine.
-constexpr int64_t kLoadAwareMacs = int64_t(1) << 30;
 
 // hs[v] = sq[v] / 2 (sq computed from E where sq is null); returns whether the codebook is
 // safe for the fast kernel: every entry finite and every |e|^2 within finite_limit.
@@ -205,7 +200,6 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
   const int64_t macs = N * V * std::max<int64_t>(C, 1);
   int64_t threads =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
-  if (macs < kLoadAwareMacs) threads = load_aware_threads(threads);
   auto finish = [&](int64_t n, T m, int64_t mi, bool exact) {
     if (exact) scan_token_exact<T>(z + n * C, E, sq, C, V, &m, &mi);
     dist[n] = m;
@@ -221,10 +215,9 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
     sq = sq_own.data();
   }
   if (!fast) {  // non-finite codebook: exact scans only
-    at::parallel_for(0, N, threads > 1 ? (N + threads - 1) / threads : N,
-                     [&](int64_t b, int64_t e) {
-                       for (int64_t n = b; n < e; ++n) finish(n, T(0), 0, true);
-                     });
+    varformer_cpu::run_range(N, 64, threads, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) finish(n, T(0), 0, true);
+    });
     return;
   }
   std::vector<I> ids(V);
@@ -252,7 +245,6 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
   std::vector<uint8_t> flag(N);
   std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[nblocks]);
   for (int64_t b = 0; b < nblocks; ++b) done[b].store(0, std::memory_order_relaxed);
-  std::atomic<int64_t> next{0};
   const T lim = finite_limit<T>();
 
   auto run_item = [&](int64_t it, T* zt, T* best, I* bidx) {
@@ -306,15 +298,14 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
     }
   };
 
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<T> zt(C * TN), best(TN);
-    std::vector<I> bidx(TN);
-    for (;;) {
-      const int64_t it = next.fetch_add(1, std::memory_order_relaxed);
-      if (it >= items) break;
-      run_item(it, zt.data(), best.data(), bidx.data());
-    }
-  });
+  struct Bufs {
+    std::vector<T> zt, best;
+    std::vector<I> bidx;
+  };
+  varformer_cpu::run_blocks<Bufs>(
+      items, threads, [&] { return Bufs{std::vector<T>(C * TN), std::vector<T>(TN),
+                                        std::vector<I>(TN)}; },
+      [&](int64_t it, Bufs& s) { run_item(it, s.zt.data(), s.best.data(), s.bidx.data()); });
 }
 
 void check_inputs(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& sqnorm,
@@ -398,7 +389,6 @@ at::Tensor phi_update_cpu(const at::Tensor& h, const at::Tensor& weight, const a
   const int64_t macs = B * H * Wd * C * C * 9;
   int64_t threads =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
-  if (macs < kLoadAwareMacs) threads = load_aware_threads(threads);
   // Row blocks: about four items per thread (whole images when there are enough of them).
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(H, B * H / (4 * threads)));
   const int64_t per_image = (H + rows - 1) / rows;

@@ -18,9 +18,9 @@
 // item), maps those sums to its own partial table once, and the partial tables are summed in
 // chunk order at the end.
 //
-// One parallel region per call (at::parallel_for, torch's own thread pool); inside it threads
-// take blocks of items from an atomic counter, so a descheduled thread on a busy machine delays
-// only the blocks it holds; small calls run serially and a busy machine gets fewer threads
+// One block loop per call (run_blocks, cpu_threads.h: torch's OpenMP pool on a quiet machine,
+// the extension's own helper pool on a busy one); threads take blocks of items from an atomic
+// counter, so a descheduled thread delays only the blocks it holds; small calls run serially
 // (see call_threads). The kernels are compiled for AVX-512, AVX2+FMA and the build's
 // baseline with function-local target attributes and chosen at run time from the CPU
 // (VARFORMER_CPU_ISA=avx2|baseline narrows it, cpu_isa.h; window_attention_isa() reports it).
@@ -402,14 +402,12 @@ VF_INLINE void backward_item(const BwdArgs<T>& a, int64_t item, Scratch<T>& sc) 
 }
 
 // ------------------------------------------------------------------------------ drivers
-// Threads for a call of `macs` multiply-adds: none beyond one per kSerialMacs of work, and on a
-// busy machine at most the CPUs other processes leave free (cpu_threads.h, as the VQ kernel).
+// Threads for a call of `macs` multiply-adds: none beyond one per kSerialMacs of work
+// (run_blocks, cpu_threads.h, decides where they run on a busy machine).
 constexpr int64_t kSerialMacs = int64_t(1) << 18;
 
 int64_t call_threads(int64_t macs) {
-  const int64_t want =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
-  return varformer_cpu::load_aware_threads(want);
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
 }
 
 // Items [i0, i1) of one block; instantiated per ISA below (the hot loops must be compiled

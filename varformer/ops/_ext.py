@@ -307,9 +307,10 @@ def fixed_threads():
 def load_aware_threads(want: int | None = None) -> int:
     """Threads worth using for a CPU section that wants ``want`` (default: torch's count): at
     most the CPUs left free by other processes' runnable threads (the running count in
-    ``/proc/loadavg``, our ``want`` threads assumed among them), at least 1. The C++ lookup
-    applies the same rule per call. ``VARFORMER_LOAD_AWARE=0`` and ``fixed_threads()`` turn it
-    off; Linux only.
+    ``/proc/loadavg``, our ``want`` threads assumed among them), at least 1. The C++ kernels
+    read the same count per call to choose their pool (csrc/cpu_threads.h): OpenMP when every
+    thread is free, their own helper pool (which never waits for a thread that has not started)
+    when not. ``VARFORMER_LOAD_AWARE=0`` and ``fixed_threads()`` turn it off; Linux only.
 
     Why: on an oversubscribed machine every parallel region waits for descheduled team threads
     while the others spin (OpenMP's default wait policy), which costs far more than the work
