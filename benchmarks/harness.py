@@ -925,7 +925,7 @@ def markdown(rows: list[Row], device: str | None = None) -> str:
     keep = []
     for j, (name, _) in enumerate(cols):
         vals = [c[j] for c in cells]
-        if j >= 5 and all(v in ("-", "") for v in vals):
+        if j >= 6 and all(v in ("-", "") for v in vals):
             continue
         if name == "vs eager fp32" and all(r.dtype == "float32" for r in rows):
             continue
