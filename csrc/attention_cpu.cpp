@@ -619,7 +619,7 @@ Isa isa() { return varformer_cpu::widest_isa(); }
 // (run_blocks decides where they run on a busy machine).
 int64_t call_threads(double macs, int64_t units) {
   const int64_t by_work = std::max<int64_t>(1, static_cast<int64_t>(macs / double(1 << 20)));
-  return std::max<int64_t>(1, std::min<int64_t>({int64_t(at::get_num_threads()), units, by_work}));
+  return std::max<int64_t>(1, std::min<int64_t>({varformer_cpu::thread_budget(), units, by_work}));
 }
 
 // Scratch with denormals flushed for the worker's lifetime (MXCSR is per thread; restored).
@@ -694,7 +694,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (kgroups == 1) return;
   // merge the key groups' partials row by row, in group order
   const int64_t rows = a.G * a.Tq, d = a.d, nkc = kgroups;
-  varformer_cpu::run_range(rows, std::max<int64_t>(1, 4096 / d), at::get_num_threads(),
+  varformer_cpu::run_range(rows, std::max<int64_t>(1, 4096 / d), varformer_cpu::thread_budget(),
                            [&](int64_t r0, int64_t r1) {
     std::vector<T> w(nkc);
     for (int64_t r = r0; r < r1; ++r) {
@@ -742,7 +742,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const int64_t G = a.G, d = a.d;
   auto reduce = [&](T* dst, const T* src, int64_t rows_per_head) {
     const int64_t n = G * rows_per_head * d, stride = n;
-    varformer_cpu::run_range(n, 16384, at::get_num_threads(), [&](int64_t i0, int64_t i1) {
+    varformer_cpu::run_range(n, 16384, varformer_cpu::thread_budget(), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         T acc = src[i];
         for (int64_t grp = 1; grp < groups; ++grp) acc += src[grp * stride + i];

@@ -2,8 +2,12 @@
 //
 // load_aware_threads(want): at most the CPUs that other processes' runnable threads leave free
 // (the running count of /proc/loadavg, sampled at most every 20 ms; our own `want` threads are
-// assumed among the runnable, and pool helpers spinning for work are not counted), at least 1. VARFORMER_LOAD_AWARE=0 turns this off (it returns
-// `want`); Linux only (elsewhere it returns `want`).
+// assumed among the runnable, and pool helpers spinning for work are not counted), at least 1.
+// VARFORMER_LOAD_AWARE=0 turns this off (it returns `want`); Linux only (elsewhere it returns
+// `want`).
+//
+// thread_budget(): the threads a kernel call may ask for (torch's count, or more inside a
+// Python `load_aware` section, see set_thread_budget).
 //
 // run_blocks(nblocks, want, make, body): body(block, scratch) for every block, on up to `want`
 // threads taking blocks from a shared counter. Where it runs:
@@ -57,6 +61,22 @@ inline std::atomic<int64_t>& helpers_spinning() {
   return n;
 }
 }  // namespace detail
+
+// Threads a kernel call may ask for: torch's count, or the count set by set_thread_budget while
+// a Python `load_aware` section has cut torch's count on a busy machine (the count before the
+// cut): ATen's ops then run on the free CPUs, our kernels keep their share on the helper pool.
+inline std::atomic<int64_t>& thread_budget_hint() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+inline int64_t thread_budget() {
+  return std::max<int64_t>(at::get_num_threads(),
+                           thread_budget_hint().load(std::memory_order_relaxed));
+}
+// Sets the hint (0: none) and returns the one before.
+inline int64_t set_thread_budget(int64_t n) {
+  return thread_budget_hint().exchange(std::max<int64_t>(0, n), std::memory_order_relaxed);
+}
 
 inline int64_t load_aware_threads(int64_t want) {
 #if defined(__linux__)

@@ -199,7 +199,8 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
   const int64_t PW = sizeof(T) == 4 ? k.panel32 : k.panel64;  // a multiple of W
   const int64_t macs = N * V * std::max<int64_t>(C, 1);
   int64_t threads =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
+      std::max<int64_t>(1, std::min<int64_t>(varformer_cpu::thread_budget(),
+                                             macs / kSerialMacs));
   auto finish = [&](int64_t n, T m, int64_t mi, bool exact) {
     if (exact) scan_token_exact<T>(z + n * C, E, sq, C, V, &m, &mi);
     dist[n] = m;
@@ -388,7 +389,8 @@ at::Tensor phi_update_cpu(const at::Tensor& h, const at::Tensor& weight, const a
 
   const int64_t macs = B * H * Wd * C * C * 9;
   int64_t threads =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
+      std::max<int64_t>(1, std::min<int64_t>(varformer_cpu::thread_budget(),
+                                             macs / kSerialMacs));
   // Row blocks: about four items per thread (whole images when there are enough of them).
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(H, B * H / (4 * threads)));
   const int64_t per_image = (H + rows - 1) / rows;
@@ -441,6 +443,7 @@ TORCH_LIBRARY(varformer_ext, m) {
   m.def("phi_update(Tensor h, Tensor weight, Tensor bias, float keep, float mix, "
         "Tensor(a!) f_hat, Tensor(b!) f_rest) -> Tensor");
   m.def("vq_cpu_isa(str request) -> str", &varformer_vq::vq_cpu_isa);
+  m.def("set_cpu_thread_budget(int n) -> int", &varformer_cpu::set_thread_budget);
   m.def("vq_cpu_isa_table() -> str[]", &varformer_vq::vq_cpu_isa_table);
 }
 

@@ -407,7 +407,8 @@ VF_INLINE void backward_item(const BwdArgs<T>& a, int64_t item, Scratch<T>& sc) 
 constexpr int64_t kSerialMacs = int64_t(1) << 18;
 
 int64_t call_threads(int64_t macs) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / kSerialMacs));
+  return std::max<int64_t>(1,
+                           std::min<int64_t>(varformer_cpu::thread_budget(), macs / kSerialMacs));
 }
 
 // Items [i0, i1) of one block; instantiated per ISA below (the hot loops must be compiled

@@ -159,3 +159,35 @@ def test_forked_child_gets_a_fresh_pool(threads, monkeypatch):
     assert p.exitcode == 0
     assert new_threads == 2
     _same([torch.from_numpy(a) for a in got], want)
+
+
+def _budget() -> int:
+    prev = _ext._set_thread_budget(0)
+    _ext._set_thread_budget(prev)
+    return prev
+
+
+def test_load_aware_section_keeps_the_kernels_thread_budget(monkeypatch):
+    """On a busy machine ``load_aware`` cuts torch's count for ATen's ops, but the C++ kernels
+    keep asking for the count before the cut (on their helper pool), with the same bits; the
+    budget is restored on exit, also after an exception."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run = KERNELS["window"]()
+        want = run()
+        monkeypatch.setattr(_ext, "load_aware_threads", lambda want=None: 1)
+        assert _budget() == 0
+        with _ext.load_aware():
+            assert torch.get_num_threads() == 1 and _budget() == 2
+            _same(run(), want)
+        assert torch.get_num_threads() == 2 and _budget() == 0
+        with pytest.raises(ValueError):
+            with _ext.load_aware():
+                raise ValueError("inside")
+        assert torch.get_num_threads() == 2 and _budget() == 0
+        monkeypatch.setattr(_ext, "load_aware_threads", lambda want=None: 2)
+        with _ext.load_aware():             # quiet: nothing changes
+            assert _budget() == 0
+    finally:
+        torch.set_num_threads(old)

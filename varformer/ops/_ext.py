@@ -341,17 +341,32 @@ def _free_threads(want: int) -> int:
 def load_aware(want: int | None = None):
     """The block on ``load_aware_threads(want)`` torch threads, torch's count restored after;
     nothing changes on a quiet machine. For CPU sections of many short parallel regions (the VQ
-    loop, a whole model forward), which collapse when team threads are descheduled."""
+    loop, a whole model forward), which collapse when team threads are descheduled. The C++
+    kernels inside keep asking for the count before the cut (``thread_budget``), which they
+    run on their own helper pool."""
     before = torch.get_num_threads()
     use = load_aware_threads(before if want is None else want)
     if use == before:
         yield
         return
     torch.set_num_threads(use)
+    prev = _set_thread_budget(before)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+        _set_thread_budget(prev)
+
+
+def _set_thread_budget(n: int) -> int:
+    """Sets the threads the C++ CPU kernels may ask for beyond torch's count (0: none) and
+    returns the value before; 0 and nothing set where the extension is not loaded (this does
+    not build it)."""
+    try:
+        op = torch.ops.varformer_ext.set_cpu_thread_budget
+    except (AttributeError, RuntimeError):
+        return 0
+    return int(op(int(n)))
 
 
 def load_aware_backward(*outputs) -> None:
@@ -372,8 +387,12 @@ def load_aware_backward(*outputs) -> None:
             use = load_aware_threads(before)
             if use != before:
                 torch.set_num_threads(use)
-                torch.autograd.Variable._execution_engine.queue_callback(
-                    lambda: torch.set_num_threads(before))
+                prev = _set_thread_budget(before)
+
+                def restore():
+                    torch.set_num_threads(before)
+                    _set_thread_budget(prev)
+                torch.autograd.Variable._execution_engine.queue_callback(restore)
         return grad
 
     for t in outs:
