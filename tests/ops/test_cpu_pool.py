@@ -15,15 +15,16 @@ pytestmark = pytest.mark.skipif(not _OK, reason=f"C++ extension unavailable: {_W
 ops = torch.ops.varformer_ext
 
 
-def _window():
-    g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(2, 12, 20, 3 * 4 * 20, generator=g)      # 2 x 15 windows of 4x4, 4 heads
-    table = torch.randn(49, 4, generator=g)
+def _window(B=2, H=12, W=20, ws=4, shift=2, nh=4, hd=20, seed=0):
+    """Window attention forward + backward; by default 2 x 15 windows of 4x4, 4 heads."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, H, W, 3 * nh * hd, generator=g)
+    table = torch.randn((2 * ws - 1) ** 2, nh, generator=g)
 
     def run():
-        out, lse = ops.window_attention_fwd(qkv, table, 4, 2, 4, 20 ** -0.5)
-        gq, gt = ops.window_attention_bwd(torch.ones_like(out), qkv, table, out, lse, 4, 2, 4,
-                                          20 ** -0.5)
+        out, lse = ops.window_attention_fwd(qkv, table, ws, shift, nh, hd ** -0.5)
+        gq, gt = ops.window_attention_bwd(torch.ones_like(out), qkv, table, out, lse, ws, shift,
+                                          nh, hd ** -0.5)
         return [out, lse, gq, gt]
     return run
 
@@ -111,17 +112,8 @@ def test_concurrent_callers(name, threads, monkeypatch):
 def _small_window():
     """A window call whose ATen tensors are all below ATen's parallel grain (so no OpenMP
     region runs, which would hang in a forked child of a parent that used one) but whose
-    16 items still ask for three threads."""
-    g = torch.Generator().manual_seed(3)
-    qkv = torch.randn(1, 16, 16, 3 * 4 * 8, generator=g)          # 4 windows of 8x8, 4 heads
-    table = torch.randn(225, 4, generator=g)
-
-    def run():
-        out, lse = ops.window_attention_fwd(qkv, table, 8, 0, 4, 8 ** -0.5)
-        gq, gt = ops.window_attention_bwd(torch.ones_like(out), qkv, table, out, lse, 8, 0, 4,
-                                          8 ** -0.5)
-        return [out, lse, gq, gt]
-    return run
+    16 items (4 windows of 8x8, 4 heads) still ask for three threads."""
+    return _window(1, 16, 16, 8, 0, 4, 8, seed=3)
 
 
 def _threads_now():
