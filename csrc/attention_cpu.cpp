@@ -23,8 +23,8 @@
 //
 // Threads: run_blocks (cpu_threads.h: torch's OpenMP pool on a quiet machine, the extension's own
 // helper pool on a busy one), one block loop per pass and per merge of partials, units from an
-// atomic counter. Workers run with
-// denormals flushed (FTZ/DAZ); exp is exactly 0 below -80 (cpu_math.h).
+// atomic counter. Workers run with denormals flushed (FTZ/DAZ); exp is exactly 0 below -80
+// (cpu_math.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
