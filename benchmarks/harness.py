@@ -458,23 +458,26 @@ def _stats(times) -> tuple:
 
 
 def time_ms(fn: Callable[[], object], device: str, grad_to_none=None, quick=False,
-            reps: int | None = None, warmup: bool = True):
-    """(median, p20, p80) milliseconds of ``fn``. CPU: after one warm-up call (unless
-    ``warmup=False``), at least three calls and as many as fit in 1 s (quick) / 5 s, at most 50;
-    ``reps`` fixes the number of calls instead."""
+            reps: int | None = None, warmup: bool = True, max_calls: int | None = 50):
+    """(median, p20, p80, mean) milliseconds of ``fn`` (mean: CPU only, NaN on CUDA). CPU:
+    after one warm-up call (unless ``warmup=False``), at least three calls and as many as fit
+    in 1 s (quick) / 5 s, at most ``max_calls`` (None: no cap); ``reps`` fixes the number of
+    calls instead."""
     if device == "cuda":
         from triton.testing import do_bench
         if reps is not None:
-            return tuple(do_bench(fn, warmup=1, rep=1, grad_to_none=grad_to_none,
-                                  quantiles=[0.5, 0.2, 0.8]))
+            return (*do_bench(fn, warmup=1, rep=1, grad_to_none=grad_to_none,
+                              quantiles=[0.5, 0.2, 0.8]), float("nan"))
         med, p20, p80 = do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
                                  grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
-        return med, p20, p80
+        return med, p20, p80, float("nan")
     if warmup:
         fn()
     if reps is not None:
-        return _stats(_cpu_times(fn, grad_to_none, 0.0, reps, reps))
-    return _stats(_cpu_times(fn, grad_to_none, 1.0 if quick else 5.0, 3))
+        ts = _cpu_times(fn, grad_to_none, 0.0, reps, reps)
+    else:
+        ts = _cpu_times(fn, grad_to_none, 1.0 if quick else 5.0, 3, max_calls)
+    return (*_stats(ts), statistics.fmean(ts))
 
 
 # ------------------------------------------------------------------------------ cases
@@ -683,15 +686,9 @@ def run_case(case: Case, device: str, modes=None, quick=False,
                 ms = p20 = p80 = mean = float("nan")
                 if fn is not None:
                     try:
-                        if device == "cuda":
-                            ms, p20, p80 = time_ms(fn, device, grads, quick,
-                                                   reps=1 if tiny else None, warmup=False)
-                        else:
-                            ts = (_cpu_times(fn, grads, 0.0, 1, 1) if tiny else
-                                  _cpu_times(fn, grads, 1.0 if quick else 5.0, 3,
-                                             None if by_mean else 50))
-                            ms, p20, p80 = _stats(ts)
-                            mean = statistics.fmean(ts)
+                        ms, p20, p80, mean = time_ms(fn, device, grads, quick,
+                                                     reps=1 if tiny else None, warmup=False,
+                                                     max_calls=None if by_mean else 50)
                     except Exception as exc:
                         note, peak = _error_note(exc), float("nan")
                 del fn, grads
