@@ -15,6 +15,12 @@
 // for finite inputs; tokens (or codebooks) that could meet a non-finite distance take an exact
 // scalar scan with torch.argmin's NaN rule instead.
 //
+// float32 on the avx2 and avx512 variants: each block first screens the codes in 16-bit
+// integers (vq_screen_kernel.h; twice the multiply-adds per instruction of float32 FMAs), keeping
+// every code within a rigorous error margin of the token's best integer score, then rescores the
+// kept codes (about one per token) in float32 exactly as the float32 scan computes them: the
+// result is bit for bit the float32 scan's. VARFORMER_VQ_SCREEN=0 turns the screening off.
+//
 // Threads: run_blocks (cpu_threads.h: torch's OpenMP pool on a quiet machine, the extension's
 // own helper pool on a busy one), one loop per call, items handed out dynamically (a thread the
 // OS delays does not hold back the others' work); calls too small to pay for it run on the
@@ -40,6 +46,7 @@
 #include <memory>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -61,7 +68,8 @@ struct Variant {
 bool cpu_has(int id) {
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  if (id == kIsaAvx512) return __builtin_cpu_supports("avx512f");
+  if (id == kIsaAvx512)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   if (id == kIsaAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   if (id != kIsaBaseline) return false;
@@ -70,7 +78,7 @@ bool cpu_has(int id) {
 }
 
 const char* const kIsaNames[kIsaCount] = {"baseline", "avx2", "avx512"};
-const char* const kIsaNeeds[kIsaCount] = {"", "avx2 and fma", "avx512f"};
+const char* const kIsaNeeds[kIsaCount] = {"", "avx2 and fma", "avx512f and avx512bw"};
 
 const std::vector<Variant>& variants() {
   static const std::vector<Variant> table = [] {
@@ -190,6 +198,103 @@ void scan_token_exact(const T* zr, const T* E, const T* sq, int64_t C, int64_t V
   *out_idx = mi;
 }
 
+// ------------------------------------------------------------------------ integer screening
+// Whether a float32 call screens in integers (VARFORMER_VQ_SCREEN=0: never; read per call).
+bool screen_enabled() {
+  const char* env = std::getenv("VARFORMER_VQ_SCREEN");
+  return !(env && env[0] == '0' && env[1] == '\0');
+}
+
+// Fewer tokens than this, or more channels, and the float32 scan runs alone (the codebook's
+// quantisation would cost more than it saves; the integer range needs few channels).
+constexpr int64_t kScreenMinTokens = 64;
+constexpr int64_t kScreenMaxChannels = 1024;
+
+// The codebook in integers, once per call: Eq [V][P] pairs of -round(e / sE) (C padded to 2P),
+// and what every token's error margin needs.
+struct ScreenBook {
+  int64_t P = 0;
+  int32_t Q = 0;            // |qz|, |qe| <= Q, so that |<qz, qe>| <= 2P Q^2 <= 2^29
+  double sE = 1.0;          // codebook scale
+  double enorm = 0.0;       // max_v |e_v|
+  double eerr = 0.0;        // max_v |e_v - sE qe_v|
+  double hsmax = 0.0;       // max_v |hs[v]|
+  std::vector<int32_t> Eq;
+};
+
+// x rounded to the nearest integer in [-q, q] (halves away from zero; inline, no libm call).
+inline int32_t round_clamp(double x, double q) {
+  x = x < -q ? -q : (x > q ? q : x);
+  return static_cast<int32_t>(x + (x < 0.0 ? -0.5 : 0.5));
+}
+
+inline int32_t pack_pair(int32_t lo, int32_t hi) {
+  return static_cast<int32_t>((static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16) |
+                              static_cast<uint16_t>(lo));
+}
+
+void screen_book(const float* E, const float* hs, int64_t V, int64_t C, int64_t threads,
+                 ScreenBook& b) {
+  b.P = (C + 1) / 2;
+  b.Q = static_cast<int32_t>(std::min(4095.0, std::floor(std::sqrt(double(1 << 29) /
+                                                                     double(2 * b.P)))));
+  std::vector<double> emax(V), enorm(V), eerr(V);
+  varformer_cpu::run_range(V, 256, threads, [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) {
+      double m = 0.0, n2 = 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        const double x = E[v * C + c];
+        m = std::max(m, std::fabs(x));
+        n2 += x * x;
+      }
+      emax[v] = m;
+      enorm[v] = std::sqrt(n2);
+    }
+  });
+  double m = 0.0;
+  for (int64_t v = 0; v < V; ++v) {
+    m = std::max(m, emax[v]);
+    b.enorm = std::max(b.enorm, enorm[v]);
+    b.hsmax = std::max(b.hsmax, std::fabs(double(hs[v])));
+  }
+  b.sE = m > 0.0 ? m / b.Q : 1.0;
+  const double inv = 1.0 / b.sE;
+  b.Eq.assign(V * b.P, 0);
+  varformer_cpu::run_range(V, 256, threads, [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) {
+      double e2 = 0.0;
+      int32_t q[2];
+      for (int64_t p = 0; p < b.P; ++p) {
+        for (int h = 0; h < 2; ++h) {
+          const int64_t c = 2 * p + h;
+          const double x = c < C ? double(E[v * C + c]) : 0.0;
+          q[h] = round_clamp(x * inv, b.Q);
+          const double d = x - b.sE * q[h];
+          e2 += d * d;
+        }
+        b.Eq[v * b.P + p] = pack_pair(-q[0], -q[1]);
+      }
+      eerr[v] = std::sqrt(e2);
+    }
+  });
+  for (int64_t v = 0; v < V; ++v) b.eerr = std::max(b.eerr, eerr[v]);
+}
+
+// A token's margin, in units of s = sZ sE: twice a bound on |s a[v] - f[v]| over all codes,
+// where a[v] is the integer score and f[v] the float32 value hs[v] - <z, e_v> of the float32
+// tile. With zq = sZ qz and eq = sE qe:
+//   s a[v] - (hs[v] - <z, e_v>) = (s H[v] - hs[v]) + <z - zq, e_v> + <zq, e_v - eq_v>
+// is at most s/2 + |z - zq| enorm + |zq| eerr (+ the double rounding of H), and the float32
+// value is within (C + 1) 2^-24 (|hs[v]| + |z| |e_v|) of the exact one (C + 1 roundings).
+int32_t screen_margin(double s, double zerr, double zq, double zn, int64_t C,
+                      const ScreenBook& b) {
+  const double quant = (0.5 * s + zerr * b.enorm + zq * b.eerr) * (1.0 + 1e-6) +
+                       b.hsmax * 1e-12;
+  const double fp32 = double(C + 2) * std::ldexp(1.0, -24) * (b.hsmax + zn * b.enorm) * 1.01;
+  const double m = std::ceil(2.0 * (quant + fp32) / s) + 2.0;
+  return m >= double(1 << 30) ? (1 << 30) : static_cast<int32_t>(m);
+}
+
 template <typename T>
 void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64_t C,
                 T* dist, int64_t* idx, T* codes, const IsaKernels& k) {
@@ -248,35 +353,150 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
   for (int64_t b = 0; b < nblocks; ++b) done[b].store(0, std::memory_order_relaxed);
   const T lim = finite_limit<T>();
 
-  auto run_item = [&](int64_t it, T* zt, T* best, I* bidx) {
+  // Integer screening (float32 on avx2 / avx512): the codebook once per call.
+  bool screen = false;
+  ScreenBook book;
+  if constexpr (std::is_same<T, float>::value) {
+    screen = k.screen32 != nullptr && screen_enabled() && N >= kScreenMinTokens &&
+             C <= kScreenMaxChannels;
+    if (screen) screen_book(E, hs.data(), V, C, threads, book);
+  }
+  const int64_t P = book.P, cap = k.screen_cap;
+
+  struct Bufs {
+    std::vector<T> zt, best;
+    std::vector<I> bidx;
+    // screening only
+    std::vector<int32_t> zq, sbest, thr, marg, cnt, code, val, H;
+    std::vector<uint8_t> over, rowflag;
+  };
+  auto make_bufs = [&] {
+    Bufs s{std::vector<T>(C * TN), std::vector<T>(TN), std::vector<I>(TN)};
+    if (screen) {
+      s.zq.resize(P * TN);
+      s.sbest.resize(TN);
+      s.thr.resize(TN);
+      s.marg.resize(TN);
+      s.cnt.resize(TN);
+      s.code.resize(TN * cap);
+      s.val.resize(TN * cap);
+      s.H.resize(V);
+      s.over.resize(TN);
+      s.rowflag.resize(TN);
+    }
+    return s;
+  };
+
+  // Screens then rescores one item into s.best / s.bidx; false where a token's list overflowed
+  // (many codes within its margin: the float32 scan then redoes the item).
+  auto screen_item = [&](int64_t n0, int64_t nt, int64_t ld, int64_t v0, int64_t v1,
+                         bool first, Bufs& s) -> bool {
+    if constexpr (std::is_same<T, float>::value) {
+      double zmax = 0.0;
+      for (int64_t l = 0; l < nt; ++l) {
+        const T* row = z + (n0 + l) * C;
+        T acc = T(0);
+        for (int64_t c = 0; c < C; ++c) acc += row[c] * row[c];
+        const bool bad = !(acc <= lim);  // NaN, inf or huge: exact scan
+        s.rowflag[l] = bad;
+        if (first) {
+          zn_all[n0 + l] = acc;
+          flag[n0 + l] = bad;
+        }
+        if (!bad)
+          for (int64_t c = 0; c < C; ++c) zmax = std::max(zmax, std::fabs(double(row[c])));
+      }
+      // The token scale of this block; large enough that |H| <= 2^29.
+      double sZ = std::max(zmax / book.Q, book.hsmax / (double(1 << 29) * book.sE));
+      if (!(sZ > 0.0)) sZ = 1.0;
+      const double sc = sZ * book.sE, inv_s = 1.0 / sc, inv_z = 1.0 / sZ;
+      for (int64_t v = v0; v < v1; ++v)
+        s.H[v] = round_clamp(double(hs[v]) * inv_s, double(1 << 30));
+      for (int64_t l = 0; l < ld; ++l) {
+        const int64_t p0 = l / PW * PW, pw = std::min(PW, ld - p0);
+        int32_t* col = s.zq.data() + p0 * P + (l - p0);
+        s.sbest[l] = INT32_MAX;
+        s.cnt[l] = 0;
+        s.over[l] = 0;
+        if (l >= nt || s.rowflag[l]) {  // padding or exact-scan token: never kept
+          for (int64_t p = 0; p < P; ++p) col[p * pw] = 0;
+          s.thr[l] = INT32_MIN;
+          s.marg[l] = 0;
+          continue;
+        }
+        const T* row = z + (n0 + l) * C;
+        double zerr = 0.0, zq = 0.0, zn = 0.0;
+        for (int64_t p = 0; p < P; ++p) {
+          int32_t q[2];
+          for (int h = 0; h < 2; ++h) {
+            const int64_t c = 2 * p + h;
+            const double x = c < C ? double(row[c]) : 0.0;
+            q[h] = round_clamp(x * inv_z, book.Q);
+            const double y = sZ * q[h];
+            zerr += (x - y) * (x - y);
+            zq += y * y;
+            zn += x * x;
+          }
+          col[p * pw] = pack_pair(q[0], q[1]);
+        }
+        s.thr[l] = INT32_MAX;
+        s.marg[l] = screen_margin(sc, std::sqrt(zerr), std::sqrt(zq), std::sqrt(zn), C, book);
+      }
+      ScreenLists lists{s.cnt.data(), s.code.data(), s.val.data(), s.over.data()};
+      k.screen32(s.zq.data(), ld, book.Eq.data(), s.H.data(), P, v0, v1, s.sbest.data(),
+                 s.thr.data(), s.marg.data(), &lists);
+      for (int64_t l = 0; l < nt; ++l)
+        if (s.over[l] && !s.rowflag[l]) return false;
+      for (int64_t l = 0; l < ld; ++l) {
+        s.best[l] = std::numeric_limits<T>::infinity();
+        s.bidx[l] = static_cast<I>(v0);
+      }
+      for (int64_t l = 0; l < nt; ++l) {
+        if (s.rowflag[l]) continue;
+        k.rescore32(z + (n0 + l) * C, E, hs.data(), C, s.code.data() + l * cap,
+                    s.val.data() + l * cap, s.cnt[l],
+                    static_cast<int64_t>(s.sbest[l]) + s.marg[l], s.best.data() + l,
+                    s.bidx.data() + l);
+      }
+      return true;
+    }
+    return false;
+  };
+
+  auto run_item = [&](int64_t it, Bufs& s) {
     const int64_t b = it / splits, sp = it % splits;
     const int64_t n0 = b * TN, nt = std::min(TN, N - n0);
     const int64_t v0 = sp * per_split, v1 = std::min(V, v0 + per_split);
     const int64_t ld = (nt + W - 1) / W * W;
-    // Panels of PW tokens, each [C][PW] (the last [C][ld mod PW]); padding 0.
-    for (int64_t l = 0; l < ld; ++l) {
-      const int64_t p0 = l / PW * PW, pw = std::min(PW, ld - p0);
-      T* col = zt + p0 * C + (l - p0);
-      if (l >= nt) {
-        for (int64_t c = 0; c < C; ++c) col[c * pw] = T(0);
-        continue;
+    T* best = s.best.data();
+    I* bidx = s.bidx.data();
+    if (!(screen && screen_item(n0, nt, ld, v0, v1, sp == 0, s))) {
+      // Panels of PW tokens, each [C][PW] (the last [C][ld mod PW]); padding 0.
+      T* zt = s.zt.data();
+      for (int64_t l = 0; l < ld; ++l) {
+        const int64_t p0 = l / PW * PW, pw = std::min(PW, ld - p0);
+        T* col = zt + p0 * C + (l - p0);
+        if (l >= nt) {
+          for (int64_t c = 0; c < C; ++c) col[c * pw] = T(0);
+          continue;
+        }
+        const T* row = z + (n0 + l) * C;
+        T acc = T(0);
+        for (int64_t c = 0; c < C; ++c) {
+          col[c * pw] = row[c];
+          acc += row[c] * row[c];
+        }
+        if (sp == 0) {
+          zn_all[n0 + l] = acc;
+          flag[n0 + l] = !(acc <= lim);  // NaN, inf or huge: exact scan
+        }
       }
-      const T* row = z + (n0 + l) * C;
-      T acc = T(0);
-      for (int64_t c = 0; c < C; ++c) {
-        col[c * pw] = row[c];
-        acc += row[c] * row[c];
+      for (int64_t l = 0; l < ld; ++l) {
+        best[l] = std::numeric_limits<T>::infinity();
+        bidx[l] = static_cast<I>(v0);
       }
-      if (sp == 0) {
-        zn_all[n0 + l] = acc;
-        flag[n0 + l] = !(acc <= lim);  // NaN, inf or huge: exact scan
-      }
+      scan(zt, ld, E, hs.data(), ids.data(), C, v0, v1, best, bidx);
     }
-    for (int64_t l = 0; l < ld; ++l) {
-      best[l] = std::numeric_limits<T>::infinity();
-      bidx[l] = static_cast<I>(v0);
-    }
-    scan(zt, ld, E, hs.data(), ids.data(), C, v0, v1, best, bidx);
     if (splits == 1) {
       for (int64_t l = 0; l < nt; ++l) {
         const int64_t n = n0 + l;
@@ -299,14 +519,8 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
     }
   };
 
-  struct Bufs {
-    std::vector<T> zt, best;
-    std::vector<I> bidx;
-  };
-  varformer_cpu::run_blocks<Bufs>(
-      items, threads, [&] { return Bufs{std::vector<T>(C * TN), std::vector<T>(TN),
-                                        std::vector<I>(TN)}; },
-      [&](int64_t it, Bufs& s) { run_item(it, s.zt.data(), s.best.data(), s.bidx.data()); });
+  varformer_cpu::run_blocks<Bufs>(items, threads, make_bufs,
+                                  [&](int64_t it, Bufs& s) { run_item(it, s); });
 }
 
 void check_inputs(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& sqnorm,

@@ -1,6 +1,6 @@
-// AVX-512 (avx512f) variant of the VQ lookup's inner kernel (see vq_lookup_kernel.h), compiled
-// with a target pragma whatever the build flags; vq_lookup.cpp runs it only where the CPU
-// reports avx512f. Register tile: 12 codes x 32 float32 tokens (24 of the 32 zmm registers),
+// AVX-512 (avx512f + avx512bw) variant of the VQ lookup's inner kernel (see vq_lookup_kernel.h),
+// compiled with a target pragma whatever the build flags; vq_lookup.cpp runs it only where the
+// CPU reports both (bw for the int16 screening, vq_screen_kernel.h). Register tile: 12 codes x 32 float32 tokens (24 of the 32 zmm registers),
 // codebook entries as embedded broadcasts.
 #include "vq_lookup_isa.h"
 
@@ -11,10 +11,10 @@
 #include <cstdint>
 
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw"))), apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx512f")
+#pragma GCC target("avx512f,avx512bw")
 #endif
 
 namespace varformer_vq {
@@ -61,7 +61,20 @@ struct F64 {
   static inline bool any(M m) { return m != 0; }
 };
 
+// int32 lanes for the integer screening (vq_screen_kernel.h; madd needs avx512bw).
+struct S32 {
+  using V = __m512i;
+  static constexpr int W = 16;
+  static inline V load(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static inline void store(int32_t* p, V v) { _mm512_storeu_si512(p, v); }
+  static inline V bcast(const int32_t* p) { return _mm512_set1_epi32(*p); }
+  static inline V madd(V acc, V e, V z) { return _mm512_add_epi32(acc, _mm512_madd_epi16(e, z)); }
+  static inline V min(V a, V b) { return _mm512_min_epi32(a, b); }
+  static inline unsigned le_mask(V a, V b) { return _mm512_cmple_epi32_mask(a, b); }
+};
+
 #include "vq_lookup_kernel.h"
+#include "vq_screen_kernel.h"
 #include "phi_conv_kernel.h"
 
 constexpr int kChunkBytes = 16384;
@@ -74,6 +87,18 @@ void scan32(const float* zt, int64_t ld, const float* E, const float* hs, const 
 void scan64(const double* zt, int64_t ld, const double* E, const double* hs, const int64_t* ids,
             int64_t C, int64_t v0, int64_t v1, double* best, int64_t* bidx) {
   scan<F64, 12, 2, 12, kChunkBytes>(zt, ld, E, hs, ids, C, v0, v1, best, bidx);
+}
+
+// Screening tile 8 codes x 32 tokens.
+void screen32(const int32_t* zt, int64_t ld, const int32_t* Eq, const int32_t* H, int64_t P,
+              int64_t v0, int64_t v1, int32_t* best, int32_t* thr, const int32_t* marg,
+              ScreenLists* lists) {
+  screen<S32, 8, 2, 12, kChunkBytes>(zt, ld, Eq, H, P, v0, v1, best, thr, marg, lists);
+}
+
+void rescore32(const float* z, const float* E, const float* hs, int64_t C, const int32_t* codes,
+               const int32_t* vals, int32_t n, int64_t limit, float* best, int32_t* bidx) {
+  rescore(z, E, hs, C, codes, vals, n, limit, best, bidx);
 }
 
 void phi32(const float* pad, int64_t rows, int64_t Wd, int64_t C, const float* wp,
@@ -96,11 +121,21 @@ namespace varformer_vq {
 
 const IsaKernels* isa_kernels_avx512(const char** why) {
 #ifdef VF_HAVE_AVX512
-  static const IsaKernels k{"avx512", "avx512f", isa_avx512::F32::W, isa_avx512::F64::W,
+  // The screening's multiply-adds in one VNNI instruction where the CPU has it.
+  static const bool vnni = [] {
+    __builtin_cpu_init();
+    return screen32_avx512vnni() != nullptr && __builtin_cpu_supports("avx512vnni");
+  }();
+  static const IsaKernels k{"avx512",
+                            vnni ? "avx512f,avx512bw; screening vpdpwssd (avx512vnni)"
+                                 : "avx512f,avx512bw; screening vpmaddwd",
+                            isa_avx512::F32::W, isa_avx512::F64::W,
                             2 * isa_avx512::F32::W, 2 * isa_avx512::F64::W,
                             isa_avx512::kChunkBytes,
                             &isa_avx512::scan32, &isa_avx512::scan64,
-                            &isa_avx512::phi32};
+                            &isa_avx512::phi32,
+                            vnni ? screen32_avx512vnni() : &isa_avx512::screen32,
+                            &isa_avx512::rescore32, isa_avx512::kScreenCap};
   if (why) *why = "";
   return &k;
 #else

@@ -29,6 +29,28 @@ using PhiFn = void (*)(const float* pad, int64_t rows, int64_t Wd, int64_t C, co
                        const float* bias, float keep, float mix, const float* h, float* out,
                        float* fhat, float* frest);
 
+// Candidate lists of the integer screening pass (vq_screen_kernel.h), per token of a block:
+// cnt [ld], code / val [ld][cap] (kept codes in increasing order and their int32 scores),
+// over [ld] (set where a list overflowed: the driver rescans that block in float32).
+struct ScreenLists {
+  int32_t* cnt;
+  int32_t* code;
+  int32_t* val;
+  uint8_t* over;
+};
+
+// Integer screening of a block of tokens against codes [v0, v1) (vq_screen_kernel.h):
+//   zt   the block's ld tokens as int16 pairs in panels of `panel32` tokens, each [P][panel],
+//        the last one [P][ld mod panel];  Eq [V][P] pairs of -qe;  H [V] scaled |e|^2 / 2
+//   best, thr [ld]  running minimum score and best + marg (updated);  marg [ld] per token
+using ScreenFn = void (*)(const int32_t* zt, int64_t ld, const int32_t* Eq, const int32_t* H,
+                          int64_t P, int64_t v0, int64_t v1, int32_t* best, int32_t* thr,
+                          const int32_t* marg, ScreenLists* lists);
+// Exact float32 rescoring of one token's kept codes (vq_screen_kernel.h: rescore).
+using RescoreFn = void (*)(const float* z, const float* E, const float* hs, int64_t C,
+                           const int32_t* codes, const int32_t* vals, int32_t n, int64_t limit,
+                           float* best, int32_t* bidx);
+
 struct IsaKernels {
   const char* name;      // "avx512", "avx2", "baseline"
   const char* target;    // what it was compiled for, e.g. "avx2,fma"
@@ -40,6 +62,9 @@ struct IsaKernels {
   ScanFn<float, int32_t> scan32;
   ScanFn<double, int64_t> scan64;
   PhiFn phi32;
+  ScreenFn screen32;      // nullptr where the variant has no integer screening
+  RescoreFn rescore32;
+  int screen_cap;         // kept codes per token (ScreenLists' cap)
 };
 
 // Each returns the variant's kernels, or nullptr where it was not compiled (other
@@ -47,5 +72,8 @@ struct IsaKernels {
 const IsaKernels* isa_kernels_avx512(const char** why);
 const IsaKernels* isa_kernels_avx2(const char** why);
 const IsaKernels* isa_kernels_baseline(const char** why);
+// The avx512 variant's screening with VNNI (vq_lookup_avx512vnni.cpp), or nullptr where not
+// compiled; the caller checks the CPU.
+ScreenFn screen32_avx512vnni();
 
 }  // namespace varformer_vq

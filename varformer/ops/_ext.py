@@ -43,7 +43,8 @@ OP = f"{NAMESPACE}::vq_lookup"
 # One entry per C++ source (the first holds the op schema).
 CPU_SOURCES = (
     "vq_lookup.cpp",                    # VQ lookup: schema, checks, threads, ISA choice
-    "vq_lookup_avx512.cpp",             # VQ lookup inner kernel, avx512f
+    "vq_lookup_avx512.cpp",             # VQ lookup inner kernel, avx512f + avx512bw
+    "vq_lookup_avx512vnni.cpp",         # its integer screening with avx512_vnni
     "vq_lookup_avx2.cpp",               # VQ lookup inner kernel, avx2 + fma
     "vq_lookup_baseline.cpp",           # VQ lookup inner kernel, portable 16-byte vectors
     "window_attention.cpp",             # Swin window attention fwd/bwd (own schema fragment)
@@ -59,6 +60,7 @@ HEADERS = (                             # included by the sources; part of the b
     "vq_lookup_checks.h",
     "vq_lookup_isa.h",
     "vq_lookup_kernel.h",
+    "vq_screen_kernel.h",
 )
 # Tried in order until one builds: OpenMP (at::parallel_for's inline region then runs in the
 # OpenMP runtime torch loaded), serial. Portable flags only: the ISA-specific kernels carry their
@@ -264,6 +266,24 @@ def cpu_isa_table() -> dict:
     return {name: reason for name, _, reason in rows}
 
 
+def cpu_screening() -> str:
+    """How a float32 C++ lookup ranks codes now: 'screening in int16 (<instructions>), rescored
+    in float32' on the avx2 / avx512 variants, else why not (VARFORMER_VQ_SCREEN=0, baseline)."""
+    if os.environ.get("VARFORMER_VQ_SCREEN", "").strip() == "0":
+        return "no integer screening (VARFORMER_VQ_SCREEN=0)"
+    try:
+        isa = cpu_isa()
+    except RuntimeError as exc:
+        return f"no integer screening ({str(exc).splitlines()[0]})"
+    rows = {line.split("|", 2)[0]: line.split("|", 2)[1]
+            for line in torch.ops.varformer_ext.vq_cpu_isa_table()}
+    target = rows.get(isa, "")
+    if "screening" not in target:
+        return f"no integer screening (the {isa} variant has none)"
+    how = target.split("screening", 1)[1].strip()
+    return f"screening in int16 with {how}, rescored in float32"
+
+
 def openmp_runtimes() -> list[str]:
     """File names of the OpenMP runtimes mapped into this process (Linux; [] elsewhere). More
     than one means two thread pools competing for the cores."""
@@ -413,8 +433,10 @@ def cpu_backend_info() -> dict:
     except RuntimeError as exc:
         chosen = f"none: {str(exc).splitlines()[0]}"
     others = "; ".join(f"{n}: {r or 'usable'}" for n, r in cpu_isa_table().items())
+    screen = cpu_screening()
     flags = state.get("cpu_flags", "")
-    parts = [f"VQ lookup inner kernel {chosen}", f"variants {others}", f"built with {flags}"]
+    parts = [f"VQ lookup inner kernel {chosen}", f"float32 {screen}", f"variants {others}",
+             f"built with {flags}"]
     if _has_kernel("CPU", f"{NAMESPACE}::window_attention_fwd"):
         parts.append("window attention kernel " + torch.ops.varformer_ext.window_attention_isa())
     if _has_kernel("CPU", f"{NAMESPACE}::attention_fwd"):

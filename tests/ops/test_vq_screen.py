@@ -1,0 +1,112 @@
+"""Integer screening of the float32 C++ VQ lookup (csrc/vq_screen_kernel.h) on every variant that
+has it (avx512, avx2): with VARFORMER_VQ_SCREEN unset the lookup screens codes in 16-bit
+integers and rescores the kept ones in float32; it must give bit for bit what the float32 scan
+alone gives (VARFORMER_VQ_SCREEN=0), index, distance and code, on inputs built to defeat a
+screen with a wrong margin: near ties below the integer resolution, duplicates, outliers that
+coarsen the scale, tiny and zero tokens, large norms, odd and wide channel counts."""
+import pytest
+import torch
+
+from varformer.ops import _ext
+
+from .test_vq_csrc import check_near_min
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    ok, why = _ext.cpu_status()
+    if not ok:
+        pytest.skip(f"C++ extension unavailable: {why}")
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def isa(request, monkeypatch):
+    why = _ext.cpu_isa_table().get(request.param, "not compiled")
+    if why:
+        pytest.skip(f"{request.param} variant unusable here: {why}")
+    monkeypatch.setenv("VARFORMER_CPU_ISA", request.param)
+    return request.param
+
+
+def both(z, E, sq, monkeypatch):
+    monkeypatch.setenv("VARFORMER_VQ_SCREEN", "1")
+    screened = _ext.lookup(z, E, sq, True)
+    monkeypatch.setenv("VARFORMER_VQ_SCREEN", "0")
+    plain = _ext.lookup(z, E, sq, True)
+    monkeypatch.delenv("VARFORMER_VQ_SCREEN")
+    return screened, plain
+
+
+def assert_same(screened, plain):
+    for a, b in zip(screened, plain):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def cases(gen):
+    r = lambda *s: torch.randn(*s, generator=gen)
+    E = r(512, 32)
+    pick = torch.randint(0, 512, (700,), generator=gen)
+    out = r(4096, 32)
+    out[0] = 1e4                                   # one outlier token sets a coarse block scale
+    bad = r(300, 32)
+    bad[5], bad[7, 3], bad[9] = float("nan"), float("inf"), 1e30
+    near = E.repeat(2, 1)
+    near[512:] += 1e-6 * r(512, 32)                # pairs far closer than the int16 resolution
+    return {
+        "gauss 4096x4096x32": (r(4096, 32), r(4096, 32)),
+        "odd sizes 1000x513x20": (r(1000, 513)[:, :20].contiguous(), r(513, 20)),
+        "N=77 C=31": (r(77, 31), r(4096, 31)),
+        "C=1": (r(129, 1), r(4096, 1)),
+        "C=7": (r(5000, 7), r(97, 7)),
+        "C=320": (r(300, 320), r(1024, 320)),
+        "V=1": (r(64, 32), r(1, 32)),
+        "duplicate codes": (r(500, 32), torch.cat([E, E, E])),
+        "tokens on codes": (E[pick] + 1e-4 * r(700, 32), E),
+        "near-tie code pairs": (E[pick] + 1e-3 * r(700, 32), near),
+        "tiny tokens": (1e-20 * r(300, 32), E),
+        "zero tokens": (torch.zeros(300, 32), E),
+        "zero codebook": (r(300, 32), torch.zeros(100, 32)),
+        "large codebook": (r(300, 32), 1e6 * r(100, 32)),
+        "outlier token": (out, r(4096, 32)),
+        "non-finite tokens": (bad, E),
+    }
+
+
+@pytest.mark.parametrize("given_sq", [False, True])
+def test_screened_equals_float32_scan(isa, given_sq, monkeypatch):
+    gen = torch.Generator().manual_seed(7)
+    for name, (z, E) in cases(gen).items():
+        sq = E.pow(2).sum(1) if given_sq else torch.empty(0)
+        screened, plain = both(z, E, sq, monkeypatch)
+        assert_same(screened, plain)
+        rows = torch.isfinite(z).all(1) & (z.abs().amax(1) < 1e10)
+        check_near_min(z, E, E.pow(2).sum(1), screened[0], screened[1], rows=rows)
+
+
+def test_screened_under_split_codes_and_threads(isa, monkeypatch):
+    """Few tokens and many codes: the codes are split across work items, each screened alone."""
+    gen = torch.Generator().manual_seed(3)
+    z, E = torch.randn(70, 32, generator=gen), torch.randn(16384, 32, generator=gen)
+    sq = E.pow(2).sum(1)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert_same(*both(z, E, sq, monkeypatch))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sqnorm_not_the_codebook_norm(isa, monkeypatch):
+    """sqnorm is the caller's: any finite values, here negative and far from |e|^2."""
+    gen = torch.Generator().manual_seed(5)
+    z, E = torch.randn(400, 32, generator=gen), torch.randn(2048, 32, generator=gen)
+    for sq in (-50 * torch.rand(2048, generator=gen), 1e7 * torch.rand(2048, generator=gen),
+               torch.zeros(2048)):
+        assert_same(*both(z, E, sq, monkeypatch))
+
+
+def test_backends_say_the_screening(isa):
+    from varformer.ops import backends
+    assert "screening" in backends()["csrc-cpu"]["reason"]
