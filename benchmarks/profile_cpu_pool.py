@@ -10,8 +10,11 @@ one attention stage of mediator attention (256 queries x 4096 keys, d = 160), th
 (B = 16) and the 10-scale quantizer loop (B = 16).
 
 Run: ``python benchmarks/profile_cpu_pool.py [--load N] [--budget S] [--modes auto,0]
-[--rounds R] [--threads T]``; prints median and mean ms per setting and the ratio of the second
-setting's time over the first's.
+[--rounds R] [--threads T] [--var NAME] [--only a,b]``; prints median and mean ms per setting and
+the ratio of the second setting's time over the first's. ``--var`` A/B-tests another variable
+the same way (e.g. ``--var VARFORMER_VQ_SCREEN --modes 1,0 --only lookup,quantize``: the float32
+lookup's integer screening on and off); ``--only`` keeps the kernels whose names contain one of
+the given words.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ def kernels():
     E = torch.randn(4096, 32, generator=g)
     sq = (E * E).sum(1)
     z4k, z256 = torch.randn(4096, 32, generator=g), torch.randn(256, 32, generator=g)
+    z16k = torch.randn(16384, 32, generator=g)
     q, k, v = (torch.randn(1, n, 160, generator=g) for n in (256, 4096, 4096))
     h, fh, fr = (torch.randn(16, 16, 16, 32, generator=g) for _ in range(3))
     pw, pb = torch.randn(32, 32, 3, 3, generator=g) * 0.05, torch.randn(32, generator=g)
@@ -55,6 +59,7 @@ def kernels():
     return {
         "window 128² fwd": w128f, "window 128² bwd": w128b,
         "window 64² fwd": w64f, "window 64² bwd": w64b,
+        "lookup N=16384": lambda: vqm._lookup_csrc(z16k, E, sq, True),
         "lookup N=4096": lambda: vqm._lookup_csrc(z4k, E, sq, True),
         "lookup N=256": lambda: vqm._lookup_csrc(z256, E, sq, True),
         "attention 256x4096 fwd": lambda: ops.attention_fwd(q, k, v, 160 ** -0.5),
@@ -70,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="auto,0", help="two VARFORMER_CPU_POOL settings")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--var", default="VARFORMER_CPU_POOL", help="the variable --modes sets")
+    ap.add_argument("--only", default="", help="comma-separated words; kernels naming one")
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
     if len(modes) != 2:
@@ -81,8 +88,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     info = cpu_info(measure=False)
     cases = kernels()
+    if args.only:
+        words = args.only.split(",")
+        cases = {k: f for k, f in cases.items() if any(w in k for w in words)}
     res: dict = {}
-    old = os.environ.get("VARFORMER_CPU_POOL")
+    var = args.var
+    old = os.environ.get(var)
     with torch.no_grad(), BackgroundLoad(args.load, torch.get_num_threads()) as load:
         if args.load:
             time.sleep(1.0)
@@ -90,7 +101,7 @@ def main(argv=None) -> int:
             for r in range(args.rounds):
                 for name, fn in cases.items():
                     for mode in (modes if r % 2 == 0 else modes[::-1]):
-                        os.environ["VARFORMER_CPU_POOL"] = mode
+                        os.environ[var] = mode
                         fn()
                         ts, t_end = [], time.perf_counter() + args.budget
                         while time.perf_counter() < t_end or len(ts) < 3:
@@ -100,12 +111,12 @@ def main(argv=None) -> int:
                         res.setdefault((name, mode), []).extend(ts)
         finally:
             if old is None:
-                os.environ.pop("VARFORMER_CPU_POOL", None)
+                os.environ.pop(var, None)
             else:
-                os.environ["VARFORMER_CPU_POOL"] = old
+                os.environ[var] = old
     a, b = modes
     print(f"{info['model']}, {torch.get_num_threads()} threads, {load.describe()}, "
-          f"{args.rounds} alternating rounds of {args.budget:g} s per setting")
+          f"{args.rounds} alternating rounds of {args.budget:g} s per setting of {var}")
     print(f"| kernel | {a}: median / mean ms | {b}: median / mean ms | {b} / {a}: median, mean |")
     print("|---|---|---|---|")
     for name in cases:

@@ -19,7 +19,8 @@
 // integers (vq_screen_kernel.h; twice the multiply-adds per instruction of float32 FMAs), keeping
 // every code within a rigorous error margin of the token's best integer score, then rescores the
 // kept codes (about one per token) in float32 exactly as the float32 scan computes them: the
-// result is bit for bit the float32 scan's. VARFORMER_VQ_SCREEN=0 turns the screening off.
+// result is bit for bit the float32 scan's. VARFORMER_VQ_SCREEN=0 turns the screening off
+// (=all screens calls of any size; by default from 512 tokens).
 //
 // Threads: run_blocks (cpu_threads.h: torch's OpenMP pool on a quiet machine, the extension's
 // own helper pool on a busy one), one loop per call, items handed out dynamically (a thread the
@@ -44,6 +45,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -199,16 +201,21 @@ void scan_token_exact(const T* zr, const T* E, const T* sq, int64_t C, int64_t V
 }
 
 // ------------------------------------------------------------------------ integer screening
-// Whether a float32 call screens in integers (VARFORMER_VQ_SCREEN=0: never; read per call).
-bool screen_enabled() {
-  const char* env = std::getenv("VARFORMER_VQ_SCREEN");
-  return !(env && env[0] == '0' && env[1] == '\0');
-}
-
-// Fewer tokens than this, or more channels, and the float32 scan runs alone (the codebook's
+// Fewer tokens than this, or more channels, and the float32 scan runs alone (the per-block
 // quantisation would cost more than it saves; the integer range needs few channels).
-constexpr int64_t kScreenMinTokens = 64;
+constexpr int64_t kScreenMinTokens = 512;
 constexpr int64_t kScreenMaxChannels = 1024;
+
+// The fewest tokens a float32 call screens (VARFORMER_VQ_SCREEN, read per call: unset or 1
+// kScreenMinTokens, 0 never, "all" any call: for tests).
+int64_t screen_min_tokens() {
+  const char* env = std::getenv("VARFORMER_VQ_SCREEN");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "1") == 0) return kScreenMinTokens;
+  if (std::strcmp(env, "0") == 0) return std::numeric_limits<int64_t>::max();
+  if (std::strcmp(env, "all") == 0) return 1;
+  TORCH_CHECK(false, "VARFORMER_VQ_SCREEN must be 0, 1 or all, got '", env, "'");
+  return 0;
+}
 
 // The codebook in integers, once per call: Eq [V][P] pairs of -round(e / sE) (C padded to 2P),
 // and what every token's error margin needs.
@@ -220,6 +227,7 @@ struct ScreenBook {
   double eerr = 0.0;        // max_v |e_v - sE qe_v|
   double hsmax = 0.0;       // max_v |hs[v]|
   std::vector<int32_t> Eq;
+  std::vector<float> E, hs;  // what it was built from (the cache's key)
 };
 
 // x rounded to the nearest integer in [-q, q] (halves away from zero; inline, no libm call).
@@ -278,6 +286,31 @@ void screen_book(const float* E, const float* hs, int64_t V, int64_t C, int64_t 
     }
   });
   for (int64_t v = 0; v < V; ++v) b.eerr = std::max(b.eerr, eerr[v]);
+}
+
+// The integer codebook for (E, hs), reused while a call passes the same values (the quantizer's
+// ten lookups per image share one codebook): comparing them costs a tenth of rebuilding. One
+// entry, kept for the process's life (about 1.5x the codebook's bytes).
+std::shared_ptr<const ScreenBook> screen_book_cached(const float* E, const float* hs, int64_t V,
+                                                     int64_t C, int64_t threads) {
+  static std::mutex mu;
+  static std::shared_ptr<const ScreenBook> last;
+  std::shared_ptr<const ScreenBook> b;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    b = last;
+  }
+  if (b && static_cast<int64_t>(b->hs.size()) == V && static_cast<int64_t>(b->E.size()) == V * C &&
+      std::memcmp(b->hs.data(), hs, sizeof(float) * V) == 0 &&
+      std::memcmp(b->E.data(), E, sizeof(float) * V * C) == 0)
+    return b;
+  auto fresh = std::make_shared<ScreenBook>();
+  screen_book(E, hs, V, C, threads, *fresh);
+  fresh->E.assign(E, E + V * C);
+  fresh->hs.assign(hs, hs + V);
+  std::lock_guard<std::mutex> lock(mu);
+  last = fresh;
+  return fresh;
 }
 
 // A token's margin, in units of s = sZ sE: twice a bound on |s a[v] - f[v]| over all codes,
@@ -355,12 +388,13 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
 
   // Integer screening (float32 on avx2 / avx512): the codebook once per call.
   bool screen = false;
-  ScreenBook book;
+  static const ScreenBook no_book;
+  std::shared_ptr<const ScreenBook> bookp;
   if constexpr (std::is_same<T, float>::value) {
-    screen = k.screen32 != nullptr && screen_enabled() && N >= kScreenMinTokens &&
-             C <= kScreenMaxChannels;
-    if (screen) screen_book(E, hs.data(), V, C, threads, book);
+    screen = k.screen32 != nullptr && N >= screen_min_tokens() && C <= kScreenMaxChannels;
+    if (screen) bookp = screen_book_cached(E, hs.data(), V, C, threads);
   }
+  const ScreenBook& book = bookp ? *bookp : no_book;
   const int64_t P = book.P, cap = k.screen_cap;
 
   struct Bufs {

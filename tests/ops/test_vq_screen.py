@@ -29,7 +29,7 @@ def isa(request, monkeypatch):
 
 
 def both(z, E, sq, monkeypatch):
-    monkeypatch.setenv("VARFORMER_VQ_SCREEN", "1")
+    monkeypatch.setenv("VARFORMER_VQ_SCREEN", "all")   # any size (by default from 512 tokens)
     screened = _ext.lookup(z, E, sq, True)
     monkeypatch.setenv("VARFORMER_VQ_SCREEN", "0")
     plain = _ext.lookup(z, E, sq, True)
@@ -105,6 +105,45 @@ def test_sqnorm_not_the_codebook_norm(isa, monkeypatch):
     for sq in (-50 * torch.rand(2048, generator=gen), 1e7 * torch.rand(2048, generator=gen),
                torch.zeros(2048)):
         assert_same(*both(z, E, sq, monkeypatch))
+
+
+def test_default_screens_large_calls_only(isa, monkeypatch):
+    """Unset = 1: calls of 512 tokens and more screen; all give the float32 scan's bits."""
+    gen = torch.Generator().manual_seed(11)
+    E = torch.randn(4096, 32, generator=gen)
+    sq = E.pow(2).sum(1)
+    for N in (511, 512, 4097):
+        z = torch.randn(N, 32, generator=gen)
+        monkeypatch.setenv("VARFORMER_VQ_SCREEN", "1")
+        one = _ext.lookup(z, E, sq, True)
+        monkeypatch.setenv("VARFORMER_VQ_SCREEN", "0")
+        assert_same(one, _ext.lookup(z, E, sq, True))
+
+
+def test_bad_setting_is_an_error(isa, monkeypatch):
+    monkeypatch.setenv("VARFORMER_VQ_SCREEN", "yes")
+    with pytest.raises(RuntimeError, match="VARFORMER_VQ_SCREEN must be 0, 1 or all, got 'yes'"):
+        _ext.lookup(torch.randn(600, 32), torch.randn(64, 32), torch.empty(0), False)
+
+
+def test_codebook_cache_sees_changed_values(isa, monkeypatch):
+    """The integer codebook is reused while codebook and sqnorm hold the same values; changes in
+    place (even through .data, which autograd's version counter does not see) are seen."""
+    gen = torch.Generator().manual_seed(2)
+    z, E = torch.randn(600, 32, generator=gen), torch.randn(1024, 32, generator=gen)
+    sq = E.pow(2).sum(1)
+
+    def check():
+        assert_same(*both(z, E, sq, monkeypatch))
+
+    check()
+    check()                                       # the cached codebook
+    E.data.mul_(-1)                               # same norms, every index changes
+    check()
+    E.data[::3] *= 2
+    check()
+    sq.data[::2] += 1.0                           # sqnorm alone changes
+    check()
 
 
 def test_backends_say_the_screening(isa):
