@@ -390,8 +390,10 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
   bool screen = false;
   static const ScreenBook no_book;
   std::shared_ptr<const ScreenBook> bookp;
+  const int64_t screen_from = screen_min_tokens();  // checks the variable on every call
+  (void)screen_from;
   if constexpr (std::is_same<T, float>::value) {
-    screen = k.screen32 != nullptr && N >= screen_min_tokens() && C <= kScreenMaxChannels;
+    screen = k.screen32 != nullptr && N >= screen_from && C <= kScreenMaxChannels;
     if (screen) bookp = screen_book_cached(E, hs.data(), V, C, threads);
   }
   const ScreenBook& book = bookp ? *bookp : no_book;

@@ -15,8 +15,9 @@ z [N, C], codebook [V, C], sqnorm [V] -> idx int64 [N], dist [N], codes [N, C] (
 One shared library is built per process with ``torch.utils.cpp_extension.load`` (lean headers,
 no pybind11, ``is_python_module=False``): from ``CPU_SOURCES`` on CPU-only machines, plus
 ``vq_lookup_cuda.cu`` where torch has CUDA and a device. The CPU lookup's inner kernel is compiled
-once per ISA (avx512f, avx2+fma, portable) with target pragmas and picked at run time from the
-CPU, or from ``VARFORMER_CPU_ISA`` = avx512 | avx2 | baseline (for tests and benchmarks), so
+once per ISA (avx512f+avx512bw, avx2+fma, portable; the avx512 variant's integer screening once
+more with avx512_vnni) with target pragmas and picked at run time from the CPU, or from
+``VARFORMER_CPU_ISA`` = avx512 | avx2 | baseline (for tests and benchmarks), so
 the flags are portable and a build cached on one machine is right on another. The library name
 carries a hash of the sources, headers, their folder, flags, torch's version (and the host CPU
 if a flag set used ``-march=native``), so a stale or foreign cached build is never loaded and
