@@ -149,3 +149,34 @@ def test_codebook_cache_sees_changed_values(isa, monkeypatch):
 def test_backends_say_the_screening(isa):
     from varformer.ops import backends
     assert "screening" in backends()["csrc-cpu"]["reason"]
+
+
+def test_concurrent_callers_with_different_codebooks(isa, monkeypatch):
+    """Four Python threads, each its own codebook, calling at once: the shared codebook cache is
+    replaced under them and every result must still be its own codebook's."""
+    import threading
+    gen = torch.Generator().manual_seed(9)
+    jobs = [(torch.randn(700, 32, generator=gen), torch.randn(1024, 32, generator=gen))
+            for _ in range(4)]
+    monkeypatch.setenv("VARFORMER_VQ_SCREEN", "0")
+    want = [_ext.lookup(z, E, torch.empty(0), True) for z, E in jobs]
+    monkeypatch.setenv("VARFORMER_VQ_SCREEN", "all")
+    got, errors = [[None] * 6 for _ in jobs], []
+
+    def work(i):
+        try:
+            z, E = jobs[i]
+            for r in range(6):
+                got[i][r] = _ext.lookup(z, E, torch.empty(0), True)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, runs in enumerate(got):
+        for res in runs:
+            assert_same(res, want[i])
