@@ -217,6 +217,23 @@ int64_t screen_min_tokens() {
   return 0;
 }
 
+// Whether a call may screen with a VNNI multiply-add where the variant has one
+// (VARFORMER_VQ_VNNI, read per call: unset or 1 yes, 0 no: the vpmaddwd + vpaddd form, as on a
+// CPU without VNNI; for A/B runs). Results are the same either way.
+bool vnni_allowed() {
+  const char* env = std::getenv("VARFORMER_VQ_VNNI");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "1") == 0) return true;
+  if (std::strcmp(env, "0") == 0) return false;
+  TORCH_CHECK(false, "VARFORMER_VQ_VNNI must be 0 or 1, got '", env, "'");
+  return false;
+}
+
+// The screening pass a float32 call of variant k runs (nullptr: none).
+ScreenFn screen_fn(const IsaKernels& k) {
+  if (k.screen32 == nullptr) return nullptr;
+  return k.screen32_vnni != nullptr && vnni_allowed() ? k.screen32_vnni : k.screen32;
+}
+
 // The codebook in integers, once per call: Eq [V][P] pairs of -round(e / sE) (C padded to 2P),
 // and what every token's error margin needs.
 struct ScreenBook {
@@ -389,8 +406,8 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
 
   // Integer screening (float32 on avx2 / avx512): the codebook once per call.
   const int64_t screen_from = screen_min_tokens();  // checks the variable on every call
-  const bool screen = std::is_same<T, float>::value && k.screen32 != nullptr &&
-                      N >= screen_from && C <= kScreenMaxChannels;
+  const ScreenFn screen_run = std::is_same<T, float>::value ? screen_fn(k) : nullptr;
+  const bool screen = screen_run != nullptr && N >= screen_from && C <= kScreenMaxChannels;
   static const ScreenBook no_book;
   std::shared_ptr<const ScreenBook> bookp;
   if constexpr (std::is_same<T, float>::value) {
@@ -487,7 +504,7 @@ void lookup_cpu(const T* z, const T* E, const T* sq, int64_t N, int64_t V, int64
         s.marg[l] = screen_margin(sc, std::sqrt(zerr), std::sqrt(zq), std::sqrt(zn), C, book);
       }
       ScreenLists lists{s.cnt.data(), s.code.data(), s.val.data(), s.over.data()};
-      k.screen32(s.zq.data(), ld, book.Eq.data(), s.H.data(), P, v0, v1, s.sbest.data(),
+      screen_run(s.zq.data(), ld, book.Eq.data(), s.H.data(), P, v0, v1, s.sbest.data(),
                  s.thr.data(), s.marg.data(), &lists);
       for (int64_t l = 0; l < nt; ++l)
         if (s.over[l] && !s.rowflag[l]) return false;
@@ -675,6 +692,16 @@ std::string vq_cpu_isa(std::string request) {
   return kIsaNames[request.empty() ? isa_from_env() : resolve_isa(request)];
 }
 
+// The screening instructions a float32 call of variant `request` ('' = VARFORMER_CPU_ISA's) runs
+// now, e.g. "vpdpwssd (avxvnni)"; '' where the variant has none.
+std::string vq_cpu_screen(std::string request) {
+  const IsaKernels* k = variants()[request.empty() ? isa_from_env() : resolve_isa(request)].k;
+  const ScreenFn fn = k ? screen_fn(*k) : nullptr;
+  if (fn == nullptr) return "";
+  if (fn == k->screen32_vnni) return k->vnni_how;
+  return k->screen32_vnni ? "vpmaddwd (VARFORMER_VQ_VNNI=0)" : "vpmaddwd";
+}
+
 // One line per variant: "name|target it was compiled for|why it cannot run here ('' if it can)".
 std::vector<std::string> vq_cpu_isa_table() {
   std::vector<std::string> out;
@@ -696,6 +723,7 @@ TORCH_LIBRARY(varformer_ext, m) {
   m.def("vq_cpu_isa(str request) -> str", &varformer_vq::vq_cpu_isa);
   m.def("set_cpu_thread_budget(int n) -> int", &varformer_cpu::set_thread_budget);
   m.def("vq_cpu_isa_table() -> str[]", &varformer_vq::vq_cpu_isa_table);
+  m.def("vq_cpu_screen(str request) -> str", &varformer_vq::vq_cpu_screen);
 }
 
 TORCH_LIBRARY_IMPL(varformer_ext, CPU, m) {

@@ -2,7 +2,7 @@
 // target pragma whatever the build flags; vq_lookup.cpp runs it only where the CPU reports avx2
 // and fma. Register tile: 6 codes x 16 float32 tokens (12 of the 16 ymm registers, two for the
 // tokens, one for the broadcast code entry), the shape that fits 16 registers; and the int16
-// screening (vq_screen_kernel.h) with vpmaddwd.
+// screening (vq_screen_kernel.h) with vpmaddwd (vpdpwssd: vq_lookup_avx2vnni.cpp).
 #include "vq_lookup_isa.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -144,12 +144,15 @@ namespace varformer_vq {
 
 const IsaKernels* isa_kernels_avx2(const char** why) {
 #ifdef VF_HAVE_AVX2
+  // The screening's multiply-adds in one VNNI instruction where the CPU has it.
+  static const ScreenFn vnni = screen32_avx2vnni();
   static const IsaKernels k{"avx2", "avx2,fma; screening vpmaddwd", isa_avx2::F32::W,
                             isa_avx2::F64::W,
                             2 * isa_avx2::F32::W, 2 * isa_avx2::F64::W,
                             isa_avx2::kChunkBytes, &isa_avx2::scan32, &isa_avx2::scan64,
                             &isa_avx2::phi32, &isa_avx2::screen32, &isa_avx2::rescore32,
-                            isa_avx2::kScreenCap};
+                            isa_avx2::kScreenCap,
+                            vnni, "vpdpwssd (avxvnni)"};
   if (why) *why = "";
   return &k;
 #else

@@ -1,7 +1,7 @@
 // AVX-512 (avx512f + avx512bw) variant of the VQ lookup's inner kernel (see vq_lookup_kernel.h),
 // compiled with a target pragma whatever the build flags; vq_lookup.cpp runs it only where the
-// CPU reports both (bw for the int16 screening, vq_screen_kernel.h). Register tile: 12 codes x 32 float32 tokens (24 of the 32 zmm registers),
-// codebook entries as embedded broadcasts.
+// CPU reports both (bw for the int16 screening, vq_screen_kernel.h). Register tile: 12 codes x
+// 32 float32 tokens (24 of the 32 zmm registers), codebook entries as embedded broadcasts.
 #include "vq_lookup_isa.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -122,20 +122,15 @@ namespace varformer_vq {
 const IsaKernels* isa_kernels_avx512(const char** why) {
 #ifdef VF_HAVE_AVX512
   // The screening's multiply-adds in one VNNI instruction where the CPU has it.
-  static const bool vnni = [] {
-    __builtin_cpu_init();
-    return screen32_avx512vnni() != nullptr && __builtin_cpu_supports("avx512vnni");
-  }();
-  static const IsaKernels k{"avx512",
-                            vnni ? "avx512f,avx512bw; screening vpdpwssd (avx512vnni)"
-                                 : "avx512f,avx512bw; screening vpmaddwd",
+  static const ScreenFn vnni = screen32_avx512vnni();
+  static const IsaKernels k{"avx512", "avx512f,avx512bw; screening vpmaddwd",
                             isa_avx512::F32::W, isa_avx512::F64::W,
                             2 * isa_avx512::F32::W, 2 * isa_avx512::F64::W,
                             isa_avx512::kChunkBytes,
                             &isa_avx512::scan32, &isa_avx512::scan64,
-                            &isa_avx512::phi32,
-                            vnni ? screen32_avx512vnni() : &isa_avx512::screen32,
-                            &isa_avx512::rescore32, isa_avx512::kScreenCap};
+                            &isa_avx512::phi32, &isa_avx512::screen32,
+                            &isa_avx512::rescore32, isa_avx512::kScreenCap,
+                            vnni, "vpdpwssd (avx512vnni)"};
   if (why) *why = "";
   return &k;
 #else

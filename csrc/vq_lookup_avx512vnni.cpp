@@ -59,7 +59,8 @@ namespace varformer_vq {
 
 ScreenFn screen32_avx512vnni() {
 #ifdef VF_HAVE_AVX512VNNI
-  return &isa_avx512vnni::screen32;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") ? &isa_avx512vnni::screen32 : nullptr;
 #else
   return nullptr;
 #endif

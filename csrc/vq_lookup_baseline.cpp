@@ -79,7 +79,8 @@ const IsaKernels* isa_kernels_baseline(const char** why) {
                             isa_baseline::F64::W, 2 * isa_baseline::F32::W,
                             2 * isa_baseline::F64::W, isa_baseline::kChunkBytes,
                             &isa_baseline::scan32, &isa_baseline::scan64,
-                            &isa_baseline::phi32, nullptr, nullptr, 0};  // no screening
+                            &isa_baseline::phi32, nullptr, nullptr, 0,  // no screening
+                            nullptr, ""};
   if (why) *why = "";
   return &k;
 #else

@@ -1,5 +1,5 @@
 // Interface between the VQ lookup driver (vq_lookup.cpp) and its per-ISA inner kernels
-// (vq_lookup_avx512.cpp, vq_lookup_avx2.cpp, vq_lookup_baseline.cpp). Plain C++ types only: the
+// (vq_lookup_avx512*.cpp, vq_lookup_avx2*.cpp, vq_lookup_baseline.cpp). Plain C++ types only: the
 // ISA translation units include no torch headers, so that no inline function compiled for a
 // wider ISA can be shared with (and picked by the linker for) the portable code.
 #pragma once
@@ -65,6 +65,10 @@ struct IsaKernels {
   ScreenFn screen32;      // nullptr where the variant has no integer screening
   RescoreFn rescore32;
   int screen_cap;         // kept codes per token (ScreenLists' cap)
+  // The same screening with a VNNI multiply-add (vpdpwssd), nullptr where not compiled or this
+  // CPU lacks the extension; vnni_how names it, e.g. "vpdpwssd (avxvnni)". Same results.
+  ScreenFn screen32_vnni;
+  const char* vnni_how;
 };
 
 // Each returns the variant's kernels, or nullptr where it was not compiled (other
@@ -72,8 +76,10 @@ struct IsaKernels {
 const IsaKernels* isa_kernels_avx512(const char** why);
 const IsaKernels* isa_kernels_avx2(const char** why);
 const IsaKernels* isa_kernels_baseline(const char** why);
-// The avx512 variant's screening with VNNI (vq_lookup_avx512vnni.cpp), or nullptr where not
-// compiled; the caller checks the CPU.
+// The screening with VNNI of the avx512 variant (vq_lookup_avx512vnni.cpp) and of the avx2
+// variant (vq_lookup_avx2vnni.cpp, AVX-VNNI), or nullptr where not compiled or this CPU lacks
+// the extension.
 ScreenFn screen32_avx512vnni();
+ScreenFn screen32_avx2vnni();
 
 }  // namespace varformer_vq

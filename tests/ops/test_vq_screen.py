@@ -3,7 +3,8 @@ has it (avx512, avx2): with VARFORMER_VQ_SCREEN unset the lookup screens codes i
 integers and rescores the kept ones in float32; it must give bit for bit what the float32 scan
 alone gives (VARFORMER_VQ_SCREEN=0), index, distance and code, on inputs built to defeat a
 screen with a wrong margin: near ties below the integer resolution, duplicates, outliers that
-coarsen the scale, tiny and zero tokens, large norms, odd and wide channel counts."""
+coarsen the scale, tiny and zero tokens, large norms, odd and wide channel counts. Each variant
+screens with vpmaddwd + vpaddd and, where the CPU has VNNI, with vpdpwssd (VARFORMER_VQ_VNNI)."""
 import pytest
 import torch
 
@@ -19,12 +20,18 @@ def built():
         pytest.skip(f"C++ extension unavailable: {why}")
 
 
-@pytest.fixture(params=["avx512", "avx2"])
+@pytest.fixture(params=["avx512", "avx512+vnni", "avx2", "avx2+vnni"])
 def isa(request, monkeypatch):
-    why = _ext.cpu_isa_table().get(request.param, "not compiled")
+    """A variant, screening with vpmaddwd + vpaddd (VARFORMER_VQ_VNNI=0) or, where the CPU has
+    AVX-512 VNNI / AVX-VNNI, with vpdpwssd."""
+    name, _, vnni = request.param.partition("+")
+    why = _ext.cpu_isa_table().get(name, "not compiled")
     if why:
-        pytest.skip(f"{request.param} variant unusable here: {why}")
-    monkeypatch.setenv("VARFORMER_CPU_ISA", request.param)
+        pytest.skip(f"{name} variant unusable here: {why}")
+    monkeypatch.setenv("VARFORMER_CPU_ISA", name)
+    monkeypatch.setenv("VARFORMER_VQ_VNNI", "1" if vnni else "0")
+    if vnni and "vpdpwssd" not in torch.ops.varformer_ext.vq_cpu_screen(name):
+        pytest.skip(f"this CPU has no VNNI for the {name} variant")
     return request.param
 
 
@@ -148,7 +155,30 @@ def test_codebook_cache_sees_changed_values(isa, monkeypatch):
 
 def test_backends_say_the_screening(isa):
     from varformer.ops import backends
-    assert "screening" in backends()["csrc-cpu"]["reason"]
+    reason = backends()["csrc-cpu"]["reason"]
+    assert "screening" in reason
+    want = "vpdpwssd" if isa.endswith("+vnni") else "vpmaddwd"
+    assert want in reason and want in _ext.cpu_screening()
+
+
+def test_bad_vnni_setting_is_an_error(isa, monkeypatch):
+    monkeypatch.setenv("VARFORMER_VQ_VNNI", "on")
+    with pytest.raises(RuntimeError, match="VARFORMER_VQ_VNNI must be 0 or 1, got 'on'"):
+        _ext.lookup(torch.randn(600, 32), torch.randn(64, 32), torch.empty(0), False)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/cpuinfo"), reason="Linux only")
+def test_vnni_offered_where_the_cpu_has_it(isa, monkeypatch):
+    """vpdpwssd is offered exactly where /proc/cpuinfo lists the extension of the variant."""
+    flags = set()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    name = isa.partition("+")[0]
+    flag = {"avx512": "avx512_vnni", "avx2": "avx_vnni"}[name]
+    monkeypatch.setenv("VARFORMER_VQ_VNNI", "1")
+    assert ("vpdpwssd" in torch.ops.varformer_ext.vq_cpu_screen(name)) == (flag in flags)
 
 
 def test_concurrent_callers_with_different_codebooks(isa, monkeypatch):

@@ -9,16 +9,17 @@ z [N, C], codebook [V, C], sqnorm [V] -> idx int64 [N], dist [N], codes [N, C] (
 
     vq_cpu_isa(str request) -> str          the CPU inner-kernel variant a call runs
     vq_cpu_isa_table() -> str[]             "name|target|why not usable" per variant
+    vq_cpu_screen(str request) -> str       the screening instructions a float32 call runs now
     fma_peak_gflops(int threads, float seconds, str isa="") -> float
                                             measured FP32 FMA peak (GFLOP/s) on that many threads
 
 One shared library is built per process with ``torch.utils.cpp_extension.load`` (lean headers,
 no pybind11, ``is_python_module=False``): from ``CPU_SOURCES`` on CPU-only machines, plus
 ``vq_lookup_cuda.cu`` where torch has CUDA and a device. The CPU lookup's inner kernel is compiled
-once per ISA (avx512f+avx512bw, avx2+fma, portable; the avx512 variant's integer screening once
-more with avx512_vnni) with target pragmas and picked at run time from the CPU, or from
-``VARFORMER_CPU_ISA`` = avx512 | avx2 | baseline (for tests and benchmarks), so
-the flags are portable and a build cached on one machine is right on another. The library name
+once per ISA (avx512f+avx512bw, avx2+fma, portable; the avx512 and avx2 variants' integer
+screening once more with avx512_vnni / avx_vnni) with target pragmas and picked at run time
+from the CPU, or from ``VARFORMER_CPU_ISA`` = avx512 | avx2 | baseline (for tests and
+benchmarks; ``VARFORMER_VQ_VNNI=0`` leaves VNNI out), so the flags are portable and a build cached on one machine is right on another. The library name
 carries a hash of the sources, headers, their folder, flags, torch's version (and the host CPU
 if a flag set used ``-march=native``), so a stale or foreign cached build is never loaded and
 two checkouts do not rebuild one build folder in turn. The cache is
@@ -47,6 +48,7 @@ CPU_SOURCES = (
     "vq_lookup_avx512.cpp",             # VQ lookup inner kernel, avx512f + avx512bw
     "vq_lookup_avx512vnni.cpp",         # its integer screening with avx512_vnni
     "vq_lookup_avx2.cpp",               # VQ lookup inner kernel, avx2 + fma
+    "vq_lookup_avx2vnni.cpp",           # its integer screening with avx_vnni
     "vq_lookup_baseline.cpp",           # VQ lookup inner kernel, portable 16-byte vectors
     "window_attention.cpp",             # Swin window attention fwd/bwd (own schema fragment)
     "attention_cpu.cpp",                # softmax(q kᵀ s) v fwd/bwd (mediator attention stages)
@@ -268,20 +270,19 @@ def cpu_isa_table() -> dict:
 
 
 def cpu_screening() -> str:
-    """How a float32 C++ lookup ranks codes now: 'screening in int16 (<instructions>), rescored
-    in float32' on the avx2 / avx512 variants, else why not (VARFORMER_VQ_SCREEN=0, baseline)."""
+    """How a float32 C++ lookup ranks codes now: 'screening in int16 with <instructions>,
+    rescored in float32' on the avx2 / avx512 variants (vpdpwssd where the CPU has AVX-VNNI /
+    AVX-512 VNNI and VARFORMER_VQ_VNNI is not 0), else why not (VARFORMER_VQ_SCREEN=0,
+    baseline)."""
     if os.environ.get("VARFORMER_VQ_SCREEN", "").strip() == "0":
         return "no integer screening (VARFORMER_VQ_SCREEN=0)"
     try:
         isa = cpu_isa()
+        how = torch.ops.varformer_ext.vq_cpu_screen(isa)
     except RuntimeError as exc:
         return f"no integer screening ({str(exc).splitlines()[0]})"
-    rows = {line.split("|", 2)[0]: line.split("|", 2)[1]
-            for line in torch.ops.varformer_ext.vq_cpu_isa_table()}
-    target = rows.get(isa, "")
-    if "screening" not in target:
+    if not how:
         return f"no integer screening (the {isa} variant has none)"
-    how = target.split("screening", 1)[1].strip()
     return f"screening in int16 with {how}, rescored in float32"
 
 
