@@ -230,8 +230,8 @@ bool vnni_allowed() {
 
 // The screening pass a float32 call of variant k runs (nullptr: none).
 ScreenFn screen_fn(const IsaKernels& k) {
-  if (k.screen32 == nullptr) return nullptr;
-  return k.screen32_vnni != nullptr && vnni_allowed() ? k.screen32_vnni : k.screen32;
+  const bool vnni = vnni_allowed();  // checks the variable on every call
+  return k.screen32_vnni != nullptr && vnni ? k.screen32_vnni : k.screen32;
 }
 
 // The codebook in integers, once per call: Eq [V][P] pairs of -round(e / sE) (C padded to 2P),
@@ -693,11 +693,16 @@ std::string vq_cpu_isa(std::string request) {
 }
 
 // The screening instructions a float32 call of variant `request` ('' = VARFORMER_CPU_ISA's) runs
-// now, e.g. "vpdpwssd (avxvnni)"; '' where the variant has none.
+// now, e.g. "vpdpwssd (avxvnni)", or "none: <why>".
 std::string vq_cpu_screen(std::string request) {
-  const IsaKernels* k = variants()[request.empty() ? isa_from_env() : resolve_isa(request)].k;
+  const int id = request.empty() ? isa_from_env() : resolve_isa(request);
+  const IsaKernels* k = variants()[id].k;
   const ScreenFn fn = k ? screen_fn(*k) : nullptr;
-  if (fn == nullptr) return "";
+  const std::string name = kIsaNames[id];
+  if (fn == nullptr && k != nullptr && k->vnni_how[0] != '\0')
+    return "none: the " + name + " variant screens only with " + k->vnni_how +
+           (k->screen32_vnni ? ", left out by VARFORMER_VQ_VNNI=0" : ", which this CPU lacks");
+  if (fn == nullptr) return "none: the " + name + " variant has none";
   if (fn == k->screen32_vnni) return k->vnni_how;
   return k->screen32_vnni ? "vpmaddwd (VARFORMER_VQ_VNNI=0)" : "vpmaddwd";
 }

@@ -1,7 +1,10 @@
 // AVX-512 (avx512f + avx512bw) variant of the VQ lookup's inner kernel (see vq_lookup_kernel.h),
 // compiled with a target pragma whatever the build flags; vq_lookup.cpp runs it only where the
-// CPU reports both (bw for the int16 screening, vq_screen_kernel.h). Register tile: 12 codes x
-// 32 float32 tokens (24 of the 32 zmm registers), codebook entries as embedded broadcasts.
+// CPU reports both. Register tile: 12 codes x 32 float32 tokens (24 of the 32 zmm registers),
+// codebook entries as embedded broadcasts. Its int16 screening runs only with VNNI
+// (vq_lookup_avx512vnni.cpp): vpmaddwd + vpaddd on zmm was slower than the float32 scan on an
+// Intel core (1.07-1.12x the time, Sapphire Rapids with VARFORMER_VQ_VNNI=0; zmm integer ops
+// issue on two ports, the same as the FMAs), which is what Skylake-SP would run.
 #include "vq_lookup_isa.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -61,18 +64,6 @@ struct F64 {
   static inline bool any(M m) { return m != 0; }
 };
 
-// int32 lanes for the integer screening (vq_screen_kernel.h; madd needs avx512bw).
-struct S32 {
-  using V = __m512i;
-  static constexpr int W = 16;
-  static inline V load(const int32_t* p) { return _mm512_loadu_si512(p); }
-  static inline void store(int32_t* p, V v) { _mm512_storeu_si512(p, v); }
-  static inline V bcast(const int32_t* p) { return _mm512_set1_epi32(*p); }
-  static inline V madd(V acc, V e, V z) { return _mm512_add_epi32(acc, _mm512_madd_epi16(e, z)); }
-  static inline V min(V a, V b) { return _mm512_min_epi32(a, b); }
-  static inline unsigned le_mask(V a, V b) { return _mm512_cmple_epi32_mask(a, b); }
-};
-
 #include "vq_lookup_kernel.h"
 #include "vq_screen_kernel.h"
 #include "phi_conv_kernel.h"
@@ -87,13 +78,6 @@ void scan32(const float* zt, int64_t ld, const float* E, const float* hs, const 
 void scan64(const double* zt, int64_t ld, const double* E, const double* hs, const int64_t* ids,
             int64_t C, int64_t v0, int64_t v1, double* best, int64_t* bidx) {
   scan<F64, 12, 2, 12, kChunkBytes>(zt, ld, E, hs, ids, C, v0, v1, best, bidx);
-}
-
-// Screening tile 8 codes x 32 tokens.
-void screen32(const int32_t* zt, int64_t ld, const int32_t* Eq, const int32_t* H, int64_t P,
-              int64_t v0, int64_t v1, int32_t* best, int32_t* thr, const int32_t* marg,
-              ScreenLists* lists) {
-  screen<S32, 8, 2, 12, kChunkBytes>(zt, ld, Eq, H, P, v0, v1, best, thr, marg, lists);
 }
 
 void rescore32(const float* z, const float* E, const float* hs, int64_t C, const int32_t* codes,
@@ -121,14 +105,14 @@ namespace varformer_vq {
 
 const IsaKernels* isa_kernels_avx512(const char** why) {
 #ifdef VF_HAVE_AVX512
-  // The screening's multiply-adds in one VNNI instruction where the CPU has it.
+  // The integer screening where the CPU has VNNI (none otherwise: see the top of this file).
   static const ScreenFn vnni = screen32_avx512vnni();
-  static const IsaKernels k{"avx512", "avx512f,avx512bw; screening vpmaddwd",
+  static const IsaKernels k{"avx512", "avx512f,avx512bw; screening vpdpwssd (avx512vnni) only",
                             isa_avx512::F32::W, isa_avx512::F64::W,
                             2 * isa_avx512::F32::W, 2 * isa_avx512::F64::W,
                             isa_avx512::kChunkBytes,
                             &isa_avx512::scan32, &isa_avx512::scan64,
-                            &isa_avx512::phi32, &isa_avx512::screen32,
+                            &isa_avx512::phi32, nullptr,
                             &isa_avx512::rescore32, isa_avx512::kScreenCap,
                             vnni, "vpdpwssd (avx512vnni)"};
   if (why) *why = "";

@@ -62,11 +62,11 @@ struct IsaKernels {
   ScanFn<float, int32_t> scan32;
   ScanFn<double, int64_t> scan64;
   PhiFn phi32;
-  ScreenFn screen32;      // nullptr where the variant has no integer screening
+  ScreenFn screen32;      // integer screening with vpmaddwd + vpaddd; nullptr where none
   RescoreFn rescore32;
   int screen_cap;         // kept codes per token (ScreenLists' cap)
-  // The same screening with a VNNI multiply-add (vpdpwssd), nullptr where not compiled or this
-  // CPU lacks the extension; vnni_how names it, e.g. "vpdpwssd (avxvnni)". Same results.
+  // The screening with a VNNI multiply-add (vpdpwssd), nullptr where not compiled or this CPU
+  // lacks the extension; vnni_how names it, e.g. "vpdpwssd (avxvnni)". Same results.
   ScreenFn screen32_vnni;
   const char* vnni_how;
 };

@@ -4,7 +4,8 @@ integers and rescores the kept ones in float32; it must give bit for bit what th
 alone gives (VARFORMER_VQ_SCREEN=0), index, distance and code, on inputs built to defeat a
 screen with a wrong margin: near ties below the integer resolution, duplicates, outliers that
 coarsen the scale, tiny and zero tokens, large norms, odd and wide channel counts. Each variant
-screens with vpmaddwd + vpaddd and, where the CPU has VNNI, with vpdpwssd (VARFORMER_VQ_VNNI)."""
+screens with vpdpwssd where the CPU has VNNI, and the avx2 variant also with vpmaddwd + vpaddd
+(VARFORMER_VQ_VNNI=0); the avx512 variant does not screen without VNNI."""
 import pytest
 import torch
 
@@ -22,15 +23,18 @@ def built():
 
 @pytest.fixture(params=["avx512", "avx512+vnni", "avx2", "avx2+vnni"])
 def isa(request, monkeypatch):
-    """A variant, screening with vpmaddwd + vpaddd (VARFORMER_VQ_VNNI=0) or, where the CPU has
-    AVX-512 VNNI / AVX-VNNI, with vpdpwssd."""
+    """A variant, screening with vpmaddwd + vpaddd (VARFORMER_VQ_VNNI=0; avx2 only) or, where
+    the CPU has AVX-512 VNNI / AVX-VNNI, with vpdpwssd."""
     name, _, vnni = request.param.partition("+")
     why = _ext.cpu_isa_table().get(name, "not compiled")
     if why:
         pytest.skip(f"{name} variant unusable here: {why}")
     monkeypatch.setenv("VARFORMER_CPU_ISA", name)
     monkeypatch.setenv("VARFORMER_VQ_VNNI", "1" if vnni else "0")
-    if vnni and "vpdpwssd" not in torch.ops.varformer_ext.vq_cpu_screen(name):
+    how = torch.ops.varformer_ext.vq_cpu_screen(name)
+    if how.startswith("none"):
+        pytest.skip(how)
+    if vnni and "vpdpwssd" not in how:
         pytest.skip(f"this CPU has no VNNI for the {name} variant")
     return request.param
 
@@ -168,17 +172,25 @@ def test_bad_vnni_setting_is_an_error(isa, monkeypatch):
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/cpuinfo"), reason="Linux only")
-def test_vnni_offered_where_the_cpu_has_it(isa, monkeypatch):
-    """vpdpwssd is offered exactly where /proc/cpuinfo lists the extension of the variant."""
+@pytest.mark.parametrize("name", ["avx512", "avx2"])
+def test_vnni_offered_where_the_cpu_has_it(name, monkeypatch):
+    """vpdpwssd is offered exactly where /proc/cpuinfo lists the variant's VNNI extension; the
+    avx512 variant screens only with it, the avx2 variant with vpmaddwd otherwise."""
+    why = _ext.cpu_isa_table().get(name, "not compiled")
+    if why:
+        pytest.skip(f"{name} variant unusable here: {why}")
     flags = set()
     for line in open("/proc/cpuinfo"):
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
-    name = isa.partition("+")[0]
-    flag = {"avx512": "avx512_vnni", "avx2": "avx_vnni"}[name]
+    has = {"avx512": "avx512_vnni", "avx2": "avx_vnni"}[name] in flags
     monkeypatch.setenv("VARFORMER_VQ_VNNI", "1")
-    assert ("vpdpwssd" in torch.ops.varformer_ext.vq_cpu_screen(name)) == (flag in flags)
+    how = torch.ops.varformer_ext.vq_cpu_screen(name)
+    assert ("vpdpwssd" in how) == has, how
+    monkeypatch.setenv("VARFORMER_VQ_VNNI", "0")
+    how = torch.ops.varformer_ext.vq_cpu_screen(name)
+    assert how.startswith("none") if name == "avx512" else how.startswith("vpmaddwd"), how
 
 
 def test_concurrent_callers_with_different_codebooks(isa, monkeypatch):

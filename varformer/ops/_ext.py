@@ -271,9 +271,9 @@ def cpu_isa_table() -> dict:
 
 def cpu_screening() -> str:
     """How a float32 C++ lookup ranks codes now: 'screening in int16 with <instructions>,
-    rescored in float32' on the avx2 / avx512 variants (vpdpwssd where the CPU has AVX-VNNI /
-    AVX-512 VNNI and VARFORMER_VQ_VNNI is not 0), else why not (VARFORMER_VQ_SCREEN=0,
-    baseline)."""
+    rescored in float32' (avx2: vpmaddwd, or vpdpwssd where the CPU has AVX-VNNI; avx512:
+    vpdpwssd where it has AVX-512 VNNI, else none; VARFORMER_VQ_VNNI=0 leaves VNNI out), else
+    why not (VARFORMER_VQ_SCREEN=0, baseline)."""
     if os.environ.get("VARFORMER_VQ_SCREEN", "").strip() == "0":
         return "no integer screening (VARFORMER_VQ_SCREEN=0)"
     try:
@@ -281,8 +281,8 @@ def cpu_screening() -> str:
         how = torch.ops.varformer_ext.vq_cpu_screen(isa)
     except RuntimeError as exc:
         return f"no integer screening ({str(exc).splitlines()[0]})"
-    if not how:
-        return f"no integer screening (the {isa} variant has none)"
+    if how.startswith("none: "):
+        return f"no integer screening ({how[6:]})"
     return f"screening in int16 with {how}, rescored in float32"
 
 
