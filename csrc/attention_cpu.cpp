@@ -16,7 +16,8 @@
 //   portable (float64, other CPUs) 6 x 16, vectorised by the compiler.
 //
 // Forward: one tile per unit, exact softmax over its key chunk; with several chunks each writes a
-// partial output and log-sum-exp, merged in chunk order. Backward: recomputes P = exp(s - lse);
+// partial output and log-sum-exp, merged in chunk order; with Tq <= 16 (few mediators over many
+// keys) it computes sᵀ = k qᵀ instead, key rows read in place (forward_few_rows). Backward: recomputes P = exp(s - lse);
 // units own either fixed groups of query blocks (dq exact, dk/dv one partial per group) or of
 // key chunks (dk/dv exact, dq one partial per group), whichever side has more blocks; partials
 // are summed in group order, so results do not depend on the thread count.
@@ -191,11 +192,12 @@ VF_AVX512 void transpose16(const float* src, int64_t ld, int64_t rows, int64_t c
 
 // C rows [0, mr) x columns [0, nr) (row stride ldc) = alpha A B + beta C (beta 0: C not read)
 // for float32 with AVX-512: B NP (1 or 2) adjacent panels [K][kNR] pstride floats apart; A
-// packed as [K][kMR5] (kInPlace false), or read in place as A(i, k) = a[i * rs + k] (all kMR5
-// rows valid). kMR5 x NP zmm accumulators, per k NP loads and kMR5 broadcasts.
+// packed as [K][kMR5] (kInPlace false), or read in place as A(i, k) = a[i * rs + k * cs] (all
+// kMR5 rows valid). kMR5 x NP zmm accumulators, per k NP loads and kMR5 broadcasts.
 template <int NP, bool kInPlace>
 VF_AVX512 __attribute__((noinline)) void tile_avx512(int64_t K, const float* __restrict a,
-                                                     int64_t rs, const float* __restrict b,
+                                                     int64_t rs, int64_t cs,
+                                                     const float* __restrict b,
                                                      int64_t pstride, int64_t mr, int64_t nr,
                                                      float alpha, float beta, float* C,
                                                      int64_t ldc) {
@@ -225,7 +227,7 @@ VF_AVX512 __attribute__((noinline)) void tile_avx512(int64_t K, const float* __r
       c0[i] = _mm512_fmadd_ps(x, b0, c0[i]);
       if (NP > 1) c1[i] = _mm512_fmadd_ps(x, b1, c1[i]);
     }
-    if (kInPlace) { ++p0; ++p4; ++p8; }
+    if (kInPlace) { p0 += cs; p4 += cs; p8 += cs; }
   }
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
   const __mmask16 m0 = nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nr) - 1);
@@ -249,24 +251,26 @@ VF_AVX512 __attribute__((noinline)) void tile_avx512(int64_t K, const float* __r
 
 // gemm_packed (below) for float32 with AVX-512: row tiles of kMR5 against pairs of B panels (a
 // single one at an odd edge), panels outer (a pair stays in L1 while every row tile streams by).
-// Row-major A is read in place by its full row tiles; the other tiles are packed first into
-// apk [tile][K][kMR5] (rows past M zero): contiguous columns copied kMR5 floats per k,
-// row-major edge tiles by 16 x 16 transposes (12 lanes kept).
+// Row-major A is read in place by its full row tiles, and so is column-major A where one pass
+// of the tiles covers N (each tile read once: packing would not pay); the other tiles are
+// packed first into apk [tile][K][kMR5] (rows past M zero): contiguous columns copied kMR5
+// floats per k, row-major edge tiles by 16 x 16 transposes (12 lanes kept).
 VF_AVX512 void gemm_packed_avx512(int64_t M, int64_t N, int64_t K, float alpha,
                                   const View<float>& A, const float* panels, float beta,
                                   float* C, int64_t ldc, float* __restrict apk) {
   const int64_t pstride = K * kNR;
-  const auto in_place = [&](int64_t mr) { return A.cs == 1 && mr == kMR5; };
+  const auto in_place = [&](int64_t mr) {
+    return mr == kMR5 && (A.cs == 1 || (A.rs == 1 && N <= 2 * kNR));
+  };
   for (int64_t m0 = 0; m0 < M; m0 += kMR5) {
     const int64_t mr = std::min(kMR5, M - m0);
     float* __restrict tp = apk + (m0 / kMR5) * K * kMR5;
     if (in_place(mr)) continue;
     if (A.rs == 1) {
-      for (int64_t k = 0; k < K; ++k) {
-        const float* __restrict src = A.p + m0 + k * A.cs;
-        float* __restrict dst = tp + k * kMR5;
-        for (int64_t i = 0; i < kMR5; ++i) dst[i] = i < mr ? src[i] : 0.0f;
-      }
+      const __mmask16 rows = __mmask16((1u << mr) - 1), lanes = __mmask16((1u << kMR5) - 1);
+      for (int64_t k = 0; k < K; ++k)
+        _mm512_mask_storeu_ps(tp + k * kMR5, lanes,
+                              _mm512_maskz_loadu_ps(rows, A.p + m0 + k * A.cs));
     } else if (A.cs == 1) {
       for (int64_t k0 = 0; k0 < K; k0 += 16)
         transpose16(A.p + m0 * A.rs + k0, A.rs, mr, std::min<int64_t>(16, K - k0),
@@ -285,12 +289,14 @@ VF_AVX512 void gemm_packed_avx512(int64_t M, int64_t N, int64_t K, float alpha,
       float* c = C + m0 * ldc + n0;
       if (in_place(mr)) {
         const float* ar = A.p + m0 * A.rs;
-        if (nr > kNR) tile_avx512<2, true>(K, ar, A.rs, bp, pstride, mr, nr, alpha, beta, c, ldc);
-        else tile_avx512<1, true>(K, ar, A.rs, bp, pstride, mr, nr, alpha, beta, c, ldc);
+        if (nr > kNR)
+          tile_avx512<2, true>(K, ar, A.rs, A.cs, bp, pstride, mr, nr, alpha, beta, c, ldc);
+        else tile_avx512<1, true>(K, ar, A.rs, A.cs, bp, pstride, mr, nr, alpha, beta, c, ldc);
       } else {
         const float* tp = apk + (m0 / kMR5) * K * kMR5;
-        if (nr > kNR) tile_avx512<2, false>(K, tp, 0, bp, pstride, mr, nr, alpha, beta, c, ldc);
-        else tile_avx512<1, false>(K, tp, 0, bp, pstride, mr, nr, alpha, beta, c, ldc);
+        if (nr > kNR)
+          tile_avx512<2, false>(K, tp, 0, 0, bp, pstride, mr, nr, alpha, beta, c, ldc);
+        else tile_avx512<1, false>(K, tp, 0, 0, bp, pstride, mr, nr, alpha, beta, c, ldc);
       }
     }
   }
@@ -527,6 +533,61 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
 }
 
 // ------------------------------------------------------------------------------ units
+// Forward of head g over key chunks [c0, c1) for few query rows (Tq <= kNR: L mediators over
+// many keys), o / l as forward_unit_impl. Scores as sᵀ = scale k mᵀ [keys][kNR] with the key rows
+// read in place and mᵀ one packed panel (no kᵀ transposes, no idle rows in the register tiles);
+// the softmax runs down the columns (lanes = query rows); outᵀ [d][kNR] (+)= vᵀ p takes the
+// score buffer itself as its B panel. Columns past Tq (zero panel columns) are never stored.
+template <typename T, int kIsa>
+VF_INLINE void forward_few_rows(const Args<T>& a, int64_t g, int64_t c0, int64_t c1, T* o,
+                                T* l, Scratch<T>& sc) {
+  const int64_t d = a.d, tq = a.Tq;
+  T* mt = aligned(sc.kt, d * kNR);
+  pack_panels<T, kIsa>(a.q + g * tq * d, int64_t(1), d, d, tq, mt);   // mᵀ(c, i) = q[i][c]
+  T* __restrict st = aligned(sc.s, kKC * kNR);
+  T* __restrict ot = aligned(sc.vt, d * kNR);
+  alignas(64) T mx[kNR], sum[kNR], m[kNR], rescale[kNR], acc[kNR];
+  for (int64_t kc = c0; kc < c1; ++kc) {
+    const bool first = kc == c0;
+    const int64_t keys = std::min(kKC, a.Tk - kc * kKC), off = (g * a.Tk + kc * kKC) * d;
+    gemm_packed<T, kIsa>(keys, kNR, d, a.scale, View<T>{a.k + off, d, 1}, mt, T(0), st, kNR, sc);
+    for (int64_t j = 0; j < kNR; ++j) m[j] = st[j];
+    for (int64_t r = 1; r < keys; ++r) {
+      const T* __restrict row = st + r * kNR;
+#pragma omp simd
+      for (int64_t j = 0; j < kNR; ++j) m[j] = row[j] > m[j] ? row[j] : m[j];
+    }
+    for (int64_t j = 0; j < kNR; ++j) {
+      if (!first && mx[j] > m[j]) m[j] = mx[j];
+      rescale[j] = first ? T(0) : varformer_cpu::exp_clamped(mx[j] - m[j]);
+      mx[j] = m[j];
+      acc[j] = T(0);
+    }
+    for (int64_t r = 0; r < keys; ++r) {
+      T* __restrict row = st + r * kNR;
+#pragma omp simd
+      for (int64_t j = 0; j < kNR; ++j) {
+        row[j] = varformer_cpu::exp_clamped(row[j] - m[j]);
+        acc[j] += row[j];
+      }
+    }
+    for (int64_t j = 0; j < kNR; ++j) sum[j] = first ? acc[j] : sum[j] * rescale[j] + acc[j];
+    if (!first)
+      for (int64_t c = 0; c < d; ++c) {
+#pragma omp simd
+        for (int64_t j = 0; j < kNR; ++j) ot[c * kNR + j] *= rescale[j];
+      }
+    gemm_packed<T, kIsa>(d, kNR, keys, T(1), View<T>{a.v + off, 1, d}, st, first ? T(0) : T(1),
+                         ot, kNR, sc);
+  }
+  for (int64_t i = 0; i < tq; ++i) {
+    T* __restrict r = o + (g * tq + i) * d;
+    const T x = T(1) / sum[i];
+    for (int64_t c = 0; c < d; ++c) r[c] = ot[c * kNR + i] * x;
+    l[g * tq + i] = mx[i] + varformer_cpu::log_positive(sum[i]);
+  }
+}
+
 // Forward unit u = (g, key group, query group; query group fastest): the groups' chunks
 // (outer, each loaded once) x query blocks (inner), online softmax across the chunks. With one
 // key group it writes out/lse; otherwise its normalised partial po [kgroups][G][Tq][d] and
@@ -539,6 +600,7 @@ VF_INLINE void forward_unit_impl(const Args<T>& a, int64_t u, int64_t qgroups, i
   const int64_t c0 = kg * a.nkc / kgroups, c1 = (kg + 1) * a.nkc / kgroups;
   T* o = kgroups == 1 ? out : po + kg * a.G * a.Tq * a.d;
   T* l = kgroups == 1 ? lse : pl + kg * a.G * a.Tq;
+  if (a.Tq <= kNR) return forward_few_rows<T, kIsa>(a, g, c0, c1, o, l, sc);
   const int64_t row0 = g * a.Tq + b0 * kQB, nrows = std::min(a.Tq, b1 * kQB) - b0 * kQB;
   T* sum = aligned(sc.sums, nrows);
   for (int64_t kc = c0; kc < c1; ++kc) {

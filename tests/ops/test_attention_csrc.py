@@ -49,6 +49,11 @@ RAW_SHAPES = [
     (11, 30, 40, 16),
     (1, 1, 600, 20),
     (1, 500, 1, 20),
+    # Tq <= 16 (the transposed few-rows forward): one chunk exactly, key-group partials, G > 8
+    (2, 16, 256, 20),
+    (1, 16, 1030, 160),
+    (9, 13, 700, 33),
+    (1, 17, 600, 20),
 ]
 
 
@@ -120,10 +125,12 @@ def test_gradcheck(csrc):
     assert torch.autograd.gradcheck(mediator_attention, (q, m, k, v), eps=1e-6, atol=1e-8)
 
 
-def test_results_do_not_depend_on_the_thread_count(csrc):
-    """Partial sums have a fixed order: bitwise-equal outputs and gradients at 1 and 2 threads."""
+@pytest.mark.parametrize("L", [30, 16])
+def test_results_do_not_depend_on_the_thread_count(csrc, L):
+    """Partial sums have a fixed order: bitwise-equal outputs and gradients at 1 and 2 threads
+    (L = 16: the few-rows forward of stage 1, with key-group partials)."""
     g = torch.Generator().manual_seed(0)
-    base = [torch.randn(1, 2, T, 40, generator=g) for T in (500, 30, 700, 700)]
+    base = [torch.randn(1, 2, T, 40, generator=g) for T in (500, L, 700, 700)]
     n0, runs = torch.get_num_threads(), []
     try:
         for n in (1, 2, 1, 2):
@@ -223,7 +230,7 @@ _VARIANT_SCRIPT = textwrap.dedent("""
     # several tiles of every register-tile edge: rows not multiples of 6 or 12, columns of
     # 16 / 32 with remainders, both backward partitions
     for (G, Tq, Tk, d) in [(1, 200, 600, 40), (2, 300, 100, 20), (1, 50, 70, 160),
-                           (3, 157, 291, 57)]:
+                           (3, 157, 291, 57), (2, 16, 600, 57), (1, 5, 300, 40)]:
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(G, T, d, dtype=torch.float64, generator=g, requires_grad=True)
                    for T in (Tq, Tk, Tk))
