@@ -17,7 +17,8 @@
 //
 // Forward: one tile per unit, exact softmax over its key chunk; with several chunks each writes a
 // partial output and log-sum-exp, merged in chunk order; with Tq <= 16 (few mediators over many
-// keys) it computes sᵀ = k qᵀ instead, key rows read in place (forward_few_rows). Backward: recomputes P = exp(s - lse);
+// keys) it computes sᵀ = k qᵀ instead, key rows read in place (forward_few_rows), and so does the
+// backward (backward_few_rows). Backward: recomputes P = exp(s - lse);
 // units own either fixed groups of query blocks (dq exact, dk/dv one partial per group) or of
 // key chunks (dk/dv exact, dq one partial per group), whichever side has more blocks; partials
 // are summed in group order, so results do not depend on the thread count.
@@ -532,6 +533,60 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
                  sc);
 }
 
+// Backward of head g's few query rows (Tq <= kNR, so one query block) against key chunk kc,
+// transposed as forward_few_rows: pᵀ = exp(scale k qᵀ - lse) and dpᵀ = v dOᵀ [keys][kNR] with k
+// and v read in place against one packed panel each; dsᵀ = pᵀ (dpᵀ - delta); dv = pᵀ dO and
+// dk = scale dsᵀ q with K = Tq; dqᵀ = scale kᵀ dsᵀ, the score buffer as its B panel, added to dq
+// (acc_q) or stored. dk / dv rows of the chunk are overwritten (a single query block).
+template <typename T, int kIsa>
+VF_INLINE void backward_few_rows(const Args<T>& a, int64_t g, int64_t kc, T* dq, T* dk, T* dv,
+                                 bool acc_q, Scratch<T>& sc) {
+  const int64_t d = a.d, tq = a.Tq, keys = std::min(kKC, a.Tk - kc * kKC);
+  const int64_t off = (g * a.Tk + kc * kKC) * d, pd = (d + kNR - 1) / kNR * kNR;
+  const T* q = a.q + g * tq * d;
+  const T* dO = a.dout + g * tq * d;
+  const T* o = a.out + g * tq * d;
+  alignas(64) T lse[kNR], delta[kNR];
+  for (int64_t i = 0; i < kNR; ++i) {
+    T acc = T(0);
+    if (i < tq)
+      for (int64_t c = 0; c < d; ++c) acc += dO[i * d + c] * o[i * d + c];
+    delta[i] = acc;
+    lse[i] = i < tq ? a.lse[g * tq + i] : T(0);
+  }
+  T* qt = aligned(sc.kt, d * kNR);
+  T* dot = aligned(sc.vt, d * kNR);
+  T* qp = aligned(sc.kp, tq * pd);
+  T* dop = aligned(sc.vp, tq * pd);
+  pack_panels<T, kIsa>(q, int64_t(1), d, d, tq, qt);      // qᵀ(c, i) = q[i][c]
+  pack_panels<T, kIsa>(dO, int64_t(1), d, d, tq, dot);
+  pack_panels(q, d, int64_t(1), tq, d, qp);                 // q [tq][d] as panels
+  pack_panels(dO, d, int64_t(1), tq, d, dop);
+  T* __restrict pt = aligned(sc.s, kKC * kNR);
+  T* __restrict dst = aligned(sc.dp, kKC * kNR);
+  gemm_packed<T, kIsa>(keys, kNR, d, a.scale, View<T>{a.k + off, d, 1}, qt, T(0), pt, kNR, sc);
+  for (int64_t r = 0; r < keys; ++r) {
+    T* __restrict row = pt + r * kNR;
+#pragma omp simd
+    for (int64_t j = 0; j < kNR; ++j) row[j] = varformer_cpu::exp_clamped(row[j] - lse[j]);
+  }
+  gemm_packed<T, kIsa>(keys, d, tq, T(1), View<T>{pt, kNR, 1}, dop, T(0), dv, d, sc);
+  gemm_packed<T, kIsa>(keys, kNR, d, T(1), View<T>{a.v + off, d, 1}, dot, T(0), dst, kNR, sc);
+  for (int64_t r = 0; r < keys; ++r) {
+    T* __restrict row = dst + r * kNR;
+    const T* __restrict pr = pt + r * kNR;
+#pragma omp simd
+    for (int64_t j = 0; j < kNR; ++j) row[j] = pr[j] * (row[j] - delta[j]);
+  }
+  gemm_packed<T, kIsa>(keys, d, tq, a.scale, View<T>{dst, kNR, 1}, qp, T(0), dk, d, sc);
+  T* __restrict dqt = aligned(sc.edge, d * kNR);
+  gemm_packed<T, kIsa>(d, kNR, keys, a.scale, View<T>{a.k + off, 1, d}, dst, T(0), dqt, kNR, sc);
+  for (int64_t i = 0; i < tq; ++i) {
+    T* __restrict r = dq + i * d;
+    for (int64_t c = 0; c < d; ++c) r[c] = (acc_q ? r[c] : T(0)) + dqt[c * kNR + i];
+  }
+}
+
 // ------------------------------------------------------------------------------ units
 // Forward of head g over key chunks [c0, c1) for few query rows (Tq <= kNR: L mediators over
 // many keys), o / l as forward_unit_impl. Scores as sᵀ = scale k mᵀ [keys][kNR] with the key rows
@@ -635,6 +690,11 @@ VF_INLINE void backward_unit_impl(const Args<T>& a, int64_t u, int64_t groups, b
     if (groups > 1) pq = part + (grp * a.G) * a.Tq * d;
   }
   for (int64_t kc = c0; kc < c1; ++kc) {
+    if (a.Tq <= kNR) {   // one query block: dk / dv of the chunk written once
+      const int64_t kr = (g * a.Tk + kc * kKC) * d;
+      backward_few_rows<T, kIsa>(a, g, kc, pq + g * a.Tq * d, pk + kr, pv + kr, kc > c0, sc);
+      continue;
+    }
     const int64_t keys = load_chunk<T, kIsa>(a, g, kc, true, sc), kr = (g * a.Tk + kc * kKC) * d;
     for (int64_t qb = b0; qb < b1; ++qb)
       backward_tile<T, kIsa>(a, g, qb, kc, keys, pq + (g * a.Tq + qb * kQB) * d, pk + kr,
