@@ -71,27 +71,14 @@ struct F64 {
 };
 
 // int32 lanes for the integer screening (vq_screen_kernel.h).
-struct S32 {
-  using V = __m256i;
-  static constexpr int W = 8;
-  static inline V load(const int32_t* p) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  }
-  static inline void store(int32_t* p, V v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
-  }
-  static inline V bcast(const int32_t* p) { return _mm256_set1_epi32(*p); }
+#include "vq_screen_ymm.h"
+struct S32 : S32Ymm {
   // The add in place (asm): left to itself gcc adds into a fresh register and copies it back,
   // a third more instructions in the loop.
   static inline V madd(V acc, V e, V z) {
     const V t = _mm256_madd_epi16(e, z);
     __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(t));
     return acc;
-  }
-  static inline V min(V a, V b) { return _mm256_min_epi32(a, b); }
-  static inline unsigned le_mask(V a, V b) {
-    const __m256i gt = _mm256_cmpgt_epi32(a, b);
-    return ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(gt))) & 0xFFu;
   }
 };
 

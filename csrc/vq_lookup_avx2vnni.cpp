@@ -26,26 +26,13 @@ namespace isa_avx2vnni {
 
 #define VF_UNROLL _Pragma("GCC unroll 32")
 
-struct S32 {
-  using V = __m256i;
-  static constexpr int W = 8;
-  static inline V load(const int32_t* p) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  }
-  static inline void store(int32_t* p, V v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
-  }
-  static inline V bcast(const int32_t* p) { return _mm256_set1_epi32(*p); }
+#include "vq_screen_ymm.h"
+struct S32 : S32Ymm {
   // In place (asm): through the intrinsic gcc accumulates into a copy and moves it back (two
   // register moves per multiply-add, and spills), which made it slower than vpmaddwd + vpaddd.
   static inline V madd(V acc, V e, V z) {
     __asm__("%{vex%} vpdpwssd %2, %1, %0" : "+x"(acc) : "x"(e), "x"(z));
     return acc;
-  }
-  static inline V min(V a, V b) { return _mm256_min_epi32(a, b); }
-  static inline unsigned le_mask(V a, V b) {
-    const __m256i gt = _mm256_cmpgt_epi32(a, b);
-    return ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(gt))) & 0xFFu;
   }
 };
 

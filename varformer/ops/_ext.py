@@ -64,6 +64,7 @@ HEADERS = (                             # included by the sources; part of the b
     "vq_lookup_isa.h",
     "vq_lookup_kernel.h",
     "vq_screen_kernel.h",
+    "vq_screen_ymm.h",
 )
 # Tried in order until one builds: OpenMP (at::parallel_for's inline region then runs in the
 # OpenMP runtime torch loaded), serial. Portable flags only: the ISA-specific kernels carry their
