@@ -241,7 +241,10 @@ _VARIANT_SCRIPT = textwrap.dedent("""
         q, k, v, ref, rl = (t.detach() for t in (q, k, v, ref, rl))
         for dt, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
             o, l = torch.ops.varformer_ext.attention_fwd(q.to(dt), k.to(dt), v.to(dt), 0.2)
-            assert max(rel(o, ref), rel(l, rl)) < tol, (G, Tq, Tk, d, dt, rel(o, ref))
+            bad = (l.double() - rl).abs().argmax().item()   # the worst lse row, for the message
+            assert max(rel(o, ref), rel(l, rl)) < tol, (G, Tq, Tk, d, dt, rel(o, ref), rel(l, rl),
+                                                         bad, l.flatten()[bad].item(),
+                                                         rl.flatten()[bad].item())
             grads = torch.ops.varformer_ext.attention_bwd(dout.to(dt), q.to(dt), k.to(dt),
                                                           v.to(dt), o, l, 0.2)
             for x, r in zip(grads, (rq, rk, rv)):
