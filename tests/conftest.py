@@ -1,6 +1,7 @@
 """Test set-up: without a GPU, Triton kernels run in the interpreter on CPU tensors.
 
 TRITON_INTERPRET must be set before varformer.kernels is imported, so it is set here, first."""
+import contextlib
 import os
 
 import torch
@@ -24,6 +25,20 @@ ON_GPU = DEVICE == "cuda"
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside, for float64 references compared at 1e-12. On a busy 2-vCPU
+    guest (2026-12-07) torch 2.13's float64 exp on 2 OpenMP threads returned the first thread's
+    half of a tensor up to 3.3e-9 off in 5 of 25 fresh processes, without our extension loaded;
+    never on 1 thread, nor with OMP_WAIT_POLICY=passive (benchmarks/results/NOTES.md)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def cpu_flags() -> set:

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import cpu_flags, rel_err, run_with_isa
+from tests.conftest import cpu_flags, one_thread, rel_err, run_with_isa
 from varformer.ops import mediator_attention, mediator_attention_reference
 
 mam = importlib.import_module("varformer.ops.mediator_attention")
@@ -24,8 +24,10 @@ def csrc(monkeypatch):
 
 
 def attn64(q, k, v, scale):
-    a = (q.double() @ k.double().mT) * scale
-    return torch.softmax(a, -1) @ v.double(), a.logsumexp(-1)
+    """float64 reference (out, lse), computed by torch on one thread (see conftest.one_thread)."""
+    with one_thread():
+        a = (q.double() @ k.double().mT) * scale
+        return torch.softmax(a, -1) @ v.double(), a.logsumexp(-1)
 
 
 def make3(G, Tq, Tk, d, dtype, seed=0, mag=1.0):
@@ -227,6 +229,7 @@ _VARIANT_SCRIPT = textwrap.dedent("""
     assert _ext.cpu_status()[0]
     print("ISA", torch.ops.varformer_ext.attention_isa())
     rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+    n0 = torch.get_num_threads()
     # several tiles of every register-tile edge: rows not multiples of 6 or 12, columns of
     # 16 / 32 with remainders, both backward partitions
     for (G, Tq, Tk, d) in [(1, 200, 600, 40), (2, 300, 100, 20), (1, 50, 70, 160),
@@ -234,10 +237,12 @@ _VARIANT_SCRIPT = textwrap.dedent("""
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(G, T, d, dtype=torch.float64, generator=g, requires_grad=True)
                    for T in (Tq, Tk, Tk))
+        torch.set_num_threads(1)          # the reference on one thread (conftest.one_thread)
         a = (q @ k.mT) * 0.2
         ref, rl = torch.softmax(a, -1) @ v, a.logsumexp(-1)
         dout = torch.randn(ref.shape, dtype=torch.float64, generator=g)
         rq, rk, rv = torch.autograd.grad(ref, (q, k, v), dout)
+        torch.set_num_threads(n0)
         q, k, v, ref, rl = (t.detach() for t in (q, k, v, ref, rl))
         for dt, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
             o, l = torch.ops.varformer_ext.attention_fwd(q.to(dt), k.to(dt), v.to(dt), 0.2)

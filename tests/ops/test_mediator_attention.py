@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.conftest import DEVICE, ON_GPU, TOL, rel_err, triton_usable
+from tests.conftest import DEVICE, ON_GPU, TOL, one_thread, rel_err, triton_usable
 import varformer.ops as vo
 from varformer.ops import mediator_attention, mediator_attention_reference
 
@@ -17,6 +17,7 @@ def make(B, H, N, L, Nk, d, dtype, mag=1.0, device=DEVICE, grad=False):
     return [t.to(dtype).requires_grad_(grad) for t in ts]
 
 
+@one_thread()                 # float64 reference: torch on one thread (conftest)
 def reference64(q, m, k, v, scale=None):
     return mediator_attention_reference(*(t.detach().double() for t in (q, m, k, v)), scale)
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.conftest import DEVICE, ON_GPU, TOL, rel_err, triton_usable
+from tests.conftest import DEVICE, ON_GPU, TOL, one_thread, rel_err, triton_usable
 from varformer.ops import window_attention
 from varformer.ops.window_attention import region_mask, relative_position_index
 
@@ -10,6 +10,7 @@ BACKENDS = ["reference", "auto", "triton"]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 
 
+@one_thread()                 # float64 reference: torch on one thread (conftest)
 def eager_swin(qkv, table, ws, shift, nh, scale=None):
     """Swin's own recipe, written out independently: roll, window_partition, q·scale @ kᵀ,
     + table[relative_position_index], + mask, softmax, @v, window_reverse, roll back."""
