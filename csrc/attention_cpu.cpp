@@ -488,6 +488,17 @@ VF_INLINE void finish_rows(int64_t rows, int64_t d, T* o, T* mx, const T* sum) {
   }
 }
 
+// delta[i] = sum_c dO[i][c] o[i][c] for rows i < rows (row stride d): the backward's row term.
+template <typename T>
+VF_INLINE void row_dots(const T* dO, const T* o, int64_t rows, int64_t d, T* delta) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t c = 0; c < d; ++c) acc += dO[i * d + c] * o[i * d + c];
+    delta[i] = acc;
+  }
+}
+
 // Backward tile (g, qb, the loaded chunk kc): dq rows (+)= scale ds k, the chunk's dk/dv rows
 // (+)= scale dsᵀ q / pᵀ dO, accumulating where acc_q / acc_kv (else overwriting). Row strides d.
 template <typename T, int kIsa>
@@ -499,12 +510,7 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
   const T* o = a.out + (g * a.Tq + r0) * d;
   const T* lse = a.lse + g * a.Tq + r0;
   T* __restrict delta = sc.row0.data();
-  for (int64_t i = 0; i < rows; ++i) {
-    T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-    for (int64_t c = 0; c < d; ++c) acc += dO[i * d + c] * o[i * d + c];
-    delta[i] = acc;
-  }
+  row_dots(dO, o, rows, d, delta);
   // p = exp(scale q kᵀ - lse)
   T* __restrict p = sc.s.data();
   gemm_packed<T, kIsa>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.ktp, T(0), p, ls, sc);
@@ -533,52 +539,61 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
                  sc);
 }
 
+// Set-up of backward_few_rows for head g, once per unit: delta and lse padded to kNR rows
+// (sc.row0 [0, kNR) and [kNR, 2 kNR); zeros past Tq), one panel each of qᵀ and dOᵀ [d][kNR]
+// (sc.ktp, sc.vtp) and q and dO as panels [Tq][d] (sc.kpp, sc.vpp).
+template <typename T, int kIsa>
+VF_INLINE void few_rows_setup(const Args<T>& a, int64_t g, Scratch<T>& sc) {
+  const int64_t d = a.d, tq = a.Tq, pd = (d + kNR - 1) / kNR * kNR;
+  const T* q = a.q + g * tq * d;
+  const T* dO = a.dout + g * tq * d;
+  T* delta = sc.row0.data();
+  T* lse = delta + kNR;
+  std::fill(delta, delta + 2 * kNR, T(0));
+  row_dots(dO, a.out + g * tq * d, tq, d, delta);
+  std::copy(a.lse + g * tq, a.lse + (g + 1) * tq, lse);
+  sc.ktp = aligned(sc.kt, d * kNR);
+  sc.vtp = aligned(sc.vt, d * kNR);
+  sc.kpp = aligned(sc.kp, tq * pd);
+  sc.vpp = aligned(sc.vp, tq * pd);
+  pack_panels<T, kIsa>(q, int64_t(1), d, d, tq, sc.ktp);     // qᵀ(c, i) = q[i][c]
+  pack_panels<T, kIsa>(dO, int64_t(1), d, d, tq, sc.vtp);
+  pack_panels(q, d, int64_t(1), tq, d, sc.kpp);              // q [tq][d] as panels
+  pack_panels(dO, d, int64_t(1), tq, d, sc.vpp);
+}
+
 // Backward of head g's few query rows (Tq <= kNR, so one query block) against key chunk kc,
-// transposed as forward_few_rows: pᵀ = exp(scale k qᵀ - lse) and dpᵀ = v dOᵀ [keys][kNR] with k
-// and v read in place against one packed panel each; dsᵀ = pᵀ (dpᵀ - delta); dv = pᵀ dO and
-// dk = scale dsᵀ q with K = Tq; dqᵀ = scale kᵀ dsᵀ, the score buffer as its B panel, added to dq
-// (acc_q) or stored. dk / dv rows of the chunk are overwritten (a single query block).
+// after few_rows_setup, transposed as forward_few_rows: pᵀ = exp(scale k qᵀ - lse) and
+// dpᵀ = v dOᵀ [keys][kNR] with k and v read in place against one packed panel each;
+// dsᵀ = pᵀ (dpᵀ - delta); dv = pᵀ dO and dk = scale dsᵀ q with K = Tq; dqᵀ = scale kᵀ dsᵀ, the
+// score buffer as its B panel, added to dq (acc_q) or stored. dk / dv rows of the chunk are
+// overwritten (a single query block).
 template <typename T, int kIsa>
 VF_INLINE void backward_few_rows(const Args<T>& a, int64_t g, int64_t kc, T* dq, T* dk, T* dv,
                                  bool acc_q, Scratch<T>& sc) {
   const int64_t d = a.d, tq = a.Tq, keys = std::min(kKC, a.Tk - kc * kKC);
-  const int64_t off = (g * a.Tk + kc * kKC) * d, pd = (d + kNR - 1) / kNR * kNR;
-  const T* q = a.q + g * tq * d;
-  const T* dO = a.dout + g * tq * d;
-  const T* o = a.out + g * tq * d;
-  alignas(64) T lse[kNR], delta[kNR];
-  for (int64_t i = 0; i < kNR; ++i) {
-    T acc = T(0);
-    if (i < tq)
-      for (int64_t c = 0; c < d; ++c) acc += dO[i * d + c] * o[i * d + c];
-    delta[i] = acc;
-    lse[i] = i < tq ? a.lse[g * tq + i] : T(0);
-  }
-  T* qt = aligned(sc.kt, d * kNR);
-  T* dot = aligned(sc.vt, d * kNR);
-  T* qp = aligned(sc.kp, tq * pd);
-  T* dop = aligned(sc.vp, tq * pd);
-  pack_panels<T, kIsa>(q, int64_t(1), d, d, tq, qt);      // qᵀ(c, i) = q[i][c]
-  pack_panels<T, kIsa>(dO, int64_t(1), d, d, tq, dot);
-  pack_panels(q, d, int64_t(1), tq, d, qp);                 // q [tq][d] as panels
-  pack_panels(dO, d, int64_t(1), tq, d, dop);
+  const int64_t off = (g * a.Tk + kc * kKC) * d;
+  const T* __restrict delta = sc.row0.data();
+  const T* __restrict lse = delta + kNR;
   T* __restrict pt = aligned(sc.s, kKC * kNR);
   T* __restrict dst = aligned(sc.dp, kKC * kNR);
-  gemm_packed<T, kIsa>(keys, kNR, d, a.scale, View<T>{a.k + off, d, 1}, qt, T(0), pt, kNR, sc);
+  gemm_packed<T, kIsa>(keys, kNR, d, a.scale, View<T>{a.k + off, d, 1}, sc.ktp, T(0), pt, kNR,
+                       sc);
   for (int64_t r = 0; r < keys; ++r) {
     T* __restrict row = pt + r * kNR;
 #pragma omp simd
     for (int64_t j = 0; j < kNR; ++j) row[j] = varformer_cpu::exp_clamped(row[j] - lse[j]);
   }
-  gemm_packed<T, kIsa>(keys, d, tq, T(1), View<T>{pt, kNR, 1}, dop, T(0), dv, d, sc);
-  gemm_packed<T, kIsa>(keys, kNR, d, T(1), View<T>{a.v + off, d, 1}, dot, T(0), dst, kNR, sc);
+  gemm_packed<T, kIsa>(keys, d, tq, T(1), View<T>{pt, kNR, 1}, sc.vpp, T(0), dv, d, sc);
+  gemm_packed<T, kIsa>(keys, kNR, d, T(1), View<T>{a.v + off, d, 1}, sc.vtp, T(0), dst, kNR,
+                       sc);
   for (int64_t r = 0; r < keys; ++r) {
     T* __restrict row = dst + r * kNR;
     const T* __restrict pr = pt + r * kNR;
 #pragma omp simd
     for (int64_t j = 0; j < kNR; ++j) row[j] = pr[j] * (row[j] - delta[j]);
   }
-  gemm_packed<T, kIsa>(keys, d, tq, a.scale, View<T>{dst, kNR, 1}, qp, T(0), dk, d, sc);
+  gemm_packed<T, kIsa>(keys, d, tq, a.scale, View<T>{dst, kNR, 1}, sc.kpp, T(0), dk, d, sc);
   T* __restrict dqt = aligned(sc.edge, d * kNR);
   gemm_packed<T, kIsa>(d, kNR, keys, a.scale, View<T>{a.k + off, 1, d}, dst, T(0), dqt, kNR, sc);
   for (int64_t i = 0; i < tq; ++i) {
@@ -689,12 +704,15 @@ VF_INLINE void backward_unit_impl(const Args<T>& a, int64_t u, int64_t groups, b
     c0 = grp * a.nkc / groups; c1 = (grp + 1) * a.nkc / groups;
     if (groups > 1) pq = part + (grp * a.G) * a.Tq * d;
   }
-  for (int64_t kc = c0; kc < c1; ++kc) {
-    if (a.Tq <= kNR) {   // one query block: dk / dv of the chunk written once
+  if (a.Tq <= kNR) {   // one query block: dk / dv of each chunk written once
+    few_rows_setup<T, kIsa>(a, g, sc);
+    for (int64_t kc = c0; kc < c1; ++kc) {
       const int64_t kr = (g * a.Tk + kc * kKC) * d;
       backward_few_rows<T, kIsa>(a, g, kc, pq + g * a.Tq * d, pk + kr, pv + kr, kc > c0, sc);
-      continue;
     }
+    return;
+  }
+  for (int64_t kc = c0; kc < c1; ++kc) {
     const int64_t keys = load_chunk<T, kIsa>(a, g, kc, true, sc), kr = (g * a.Tk + kc * kKC) * d;
     for (int64_t qb = b0; qb < b1; ++qb)
       backward_tile<T, kIsa>(a, g, qb, kc, keys, pq + (g * a.Tq + qb * kQB) * d, pk + kr,
