@@ -410,6 +410,132 @@ VF_INLINE void gemm(int64_t M, int64_t N, int64_t K, T alpha, const View<T>& A, 
   }
 }
 
+// ------------------------------------------------------------------------------ softmax exp
+// Rows i < rows of a score tile (row stride ld): s[i][j] = exp_clamped(s[i][j] - m[i]) for
+// j < n, and sums[i] = their sum where sums is given; float32 through the explicit vectors of
+// cpu_math.h on avx512 / avx2 (called, not inlined: GCC will not inline target code into the
+// generic templates that pick it).
+#if defined(__x86_64__) || defined(__i386__)
+VF_AVX512 __attribute__((noinline)) void exp_rows_avx512(float* s, int64_t rows, int64_t n,
+                                                         int64_t ld, const float* m,
+                                                         float* sums) {
+  const __mmask16 tail = __mmask16((1u << (n % 16)) - 1);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * ld;
+    const __m512 vm = _mm512_set1_ps(m[i]);
+    __m512 acc = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m512 e = varformer_cpu::exp_clamped16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vm));
+      _mm512_storeu_ps(row + j, e);
+      acc = _mm512_add_ps(acc, e);
+    }
+    if (j < n) {
+      const __m512 e = _mm512_maskz_mov_ps(
+          tail, varformer_cpu::exp_clamped16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + j), vm)));
+      _mm512_mask_storeu_ps(row + j, tail, e);
+      acc = _mm512_add_ps(acc, e);
+    }
+    if (sums != nullptr) sums[i] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+VF_AVX2 __attribute__((noinline)) void exp_rows_avx2(float* s, int64_t rows, int64_t n,
+                                                     int64_t ld, const float* m, float* sums) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * ld;
+    const __m256 vm = _mm256_set1_ps(m[i]);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = varformer_cpu::exp_clamped8(_mm256_sub_ps(_mm256_loadu_ps(row + j), vm));
+      _mm256_storeu_ps(row + j, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    float total = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+    for (; j < n; ++j) total += (row[j] = varformer_cpu::exp_clamped(row[j] - m[i]));
+    if (sums != nullptr) sums[i] = total;
+  }
+}
+
+// The same down the kNR = 16 lanes of `rows` rows: row r lane j = exp_clamped(x - m[j]), and
+// acc[j] = their sum over the rows where acc is given (the transposed few-rows softmax).
+VF_AVX512 __attribute__((noinline)) void exp_lanes_avx512(float* st, int64_t rows,
+                                                          const float* m, float* acc) {
+  const __m512 vm = _mm512_loadu_ps(m);
+  __m512 a = _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 e = varformer_cpu::exp_clamped16(_mm512_sub_ps(_mm512_loadu_ps(st + r * 16), vm));
+    _mm512_storeu_ps(st + r * 16, e);
+    a = _mm512_add_ps(a, e);
+  }
+  if (acc != nullptr) _mm512_storeu_ps(acc, a);
+}
+
+VF_AVX2 __attribute__((noinline)) void exp_lanes_avx2(float* st, int64_t rows, const float* m,
+                                                      float* acc) {
+  const __m256 m0 = _mm256_loadu_ps(m), m1 = _mm256_loadu_ps(m + 8);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m256 e0 = varformer_cpu::exp_clamped8(_mm256_sub_ps(_mm256_loadu_ps(st + r * 16), m0));
+    const __m256 e1 =
+        varformer_cpu::exp_clamped8(_mm256_sub_ps(_mm256_loadu_ps(st + r * 16 + 8), m1));
+    _mm256_storeu_ps(st + r * 16, e0);
+    _mm256_storeu_ps(st + r * 16 + 8, e1);
+    a0 = _mm256_add_ps(a0, e0);
+    a1 = _mm256_add_ps(a1, e1);
+  }
+  if (acc != nullptr) {
+    _mm256_storeu_ps(acc, a0);
+    _mm256_storeu_ps(acc + 8, a1);
+  }
+}
+#endif
+
+template <typename T, int kIsa>
+VF_INLINE void exp_rows(T* __restrict s, int64_t rows, int64_t n, int64_t ld, const T* m,
+                        T* sums) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (std::is_same<T, float>::value && kIsa == kAvx512)
+    return exp_rows_avx512(s, rows, n, ld, m, sums);
+  if constexpr (std::is_same<T, float>::value && kIsa == kAvx2)
+    return exp_rows_avx2(s, rows, n, ld, m, sums);
+#endif
+  for (int64_t i = 0; i < rows; ++i) {
+    T* __restrict row = s + i * ld;
+    const T mi = m[i];
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) {
+      row[j] = varformer_cpu::exp_clamped(row[j] - mi);
+      acc += row[j];
+    }
+    if (sums != nullptr) sums[i] = acc;
+  }
+}
+
+template <typename T, int kIsa>
+VF_INLINE void exp_lanes(T* __restrict st, int64_t rows, const T* m, T* acc) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (std::is_same<T, float>::value && kIsa == kAvx512 && kNR == 16)
+    return exp_lanes_avx512(st, rows, m, acc);
+  if constexpr (std::is_same<T, float>::value && kIsa == kAvx2 && kNR == 16)
+    return exp_lanes_avx2(st, rows, m, acc);
+#endif
+  alignas(64) T a[kNR] = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    T* __restrict row = st + r * kNR;
+#pragma omp simd
+    for (int64_t j = 0; j < kNR; ++j) {
+      row[j] = varformer_cpu::exp_clamped(row[j] - m[j]);
+      a[j] += row[j];
+    }
+  }
+  if (acc != nullptr) std::copy(a, a + kNR, acc);
+}
+
 // ------------------------------------------------------------------------------ tiles
 template <typename T>
 struct Args {
@@ -450,27 +576,26 @@ VF_INLINE void forward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t key
   const T* q = a.q + (g * a.Tq + r0) * d;
   T* __restrict s = sc.s.data();
   gemm_packed<T, kIsa>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.ktp, T(0), s, ls, sc);
+  alignas(64) T m[kQB], acc[kQB];
   for (int64_t i = 0; i < rows; ++i) {
-    T* __restrict row = s + i * ls;
-    T m = row[0];
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < keys; ++j) m = row[j] > m ? row[j] : m;
-    T rescale = T(0);
-    if (!first && mx[i] > m) m = mx[i];
-    if (!first) rescale = varformer_cpu::exp_clamped(mx[i] - m);
-    T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < keys; ++j) {
-      row[j] = varformer_cpu::exp_clamped(row[j] - m);
-      acc += row[j];
-    }
-    if (!first) {
+    const T* __restrict row = s + i * ls;
+    T mi = row[0];
+#pragma omp simd reduction(max : mi)
+    for (int64_t j = 0; j < keys; ++j) mi = row[j] > mi ? row[j] : mi;
+    m[i] = !first && mx[i] > mi ? mx[i] : mi;
+  }
+  exp_rows<T, kIsa>(s, rows, keys, ls, m, acc);
+  for (int64_t i = 0; i < rows; ++i) {
+    if (first) {
+      sum[i] = acc[i];
+    } else {
+      const T rescale = varformer_cpu::exp_clamped(mx[i] - m[i]);
       T* __restrict r = o + i * d;
 #pragma omp simd
       for (int64_t c = 0; c < d; ++c) r[c] *= rescale;
+      sum[i] = sum[i] * rescale + acc[i];
     }
-    mx[i] = m;
-    sum[i] = first ? acc : sum[i] * rescale + acc;
+    mx[i] = m[i];
   }
   gemm_packed<T, kIsa>(rows, d, keys, T(1), View<T>{s, ls, 1}, sc.vpp, first ? T(0) : T(1), o,
                        d, sc);
@@ -514,12 +639,7 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
   // p = exp(scale q kᵀ - lse)
   T* __restrict p = sc.s.data();
   gemm_packed<T, kIsa>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.ktp, T(0), p, ls, sc);
-  for (int64_t i = 0; i < rows; ++i) {
-    T* __restrict row = p + i * ls;
-    const T li = lse[i];
-#pragma omp simd
-    for (int64_t j = 0; j < keys; ++j) row[j] = varformer_cpu::exp_clamped(row[j] - li);
-  }
+  exp_rows<T, kIsa>(p, rows, keys, ls, lse, static_cast<T*>(nullptr));
   // dv = pᵀ dO
   gemm<T, kIsa>(keys, d, rows, T(1), View<T>{p, 1, ls}, dO, d, acc_kv ? T(1) : T(0), dv, d,
                  sc);
@@ -579,11 +699,7 @@ VF_INLINE void backward_few_rows(const Args<T>& a, int64_t g, int64_t kc, T* dq,
   T* __restrict dst = aligned(sc.dp, kKC * kNR);
   gemm_packed<T, kIsa>(keys, kNR, d, a.scale, View<T>{a.k + off, d, 1}, sc.ktp, T(0), pt, kNR,
                        sc);
-  for (int64_t r = 0; r < keys; ++r) {
-    T* __restrict row = pt + r * kNR;
-#pragma omp simd
-    for (int64_t j = 0; j < kNR; ++j) row[j] = varformer_cpu::exp_clamped(row[j] - lse[j]);
-  }
+  exp_lanes<T, kIsa>(pt, keys, lse, static_cast<T*>(nullptr));
   gemm_packed<T, kIsa>(keys, d, tq, T(1), View<T>{pt, kNR, 1}, sc.vpp, T(0), dv, d, sc);
   gemm_packed<T, kIsa>(keys, kNR, d, T(1), View<T>{a.v + off, d, 1}, sc.vtp, T(0), dst, kNR,
                        sc);
@@ -631,16 +747,8 @@ VF_INLINE void forward_few_rows(const Args<T>& a, int64_t g, int64_t c0, int64_t
       if (!first && mx[j] > m[j]) m[j] = mx[j];
       rescale[j] = first ? T(0) : varformer_cpu::exp_clamped(mx[j] - m[j]);
       mx[j] = m[j];
-      acc[j] = T(0);
     }
-    for (int64_t r = 0; r < keys; ++r) {
-      T* __restrict row = st + r * kNR;
-#pragma omp simd
-      for (int64_t j = 0; j < kNR; ++j) {
-        row[j] = varformer_cpu::exp_clamped(row[j] - m[j]);
-        acc[j] += row[j];
-      }
-    }
+    exp_lanes<T, kIsa>(st, keys, m, acc);
     for (int64_t j = 0; j < kNR; ++j) sum[j] = first ? acc[j] : sum[j] * rescale[j] + acc[j];
     if (!first)
       for (int64_t c = 0; c < d; ++c) {
