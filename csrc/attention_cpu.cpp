@@ -45,6 +45,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -928,12 +929,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t kgroups =
       std::min(a.nkc, std::max<int64_t>(1, (target + qgroups - 1) / qgroups));
   const int64_t units = a.G * qgroups * kgroups;
-  std::vector<T> po, pl;
+  // partials left uninitialised: the units write every row of every key group's partial
+  std::unique_ptr<T[]> po, pl;
   if (kgroups > 1) {
-    po.resize(kgroups * a.G * a.Tq * a.d);
-    pl.resize(kgroups * a.G * a.Tq);
+    po.reset(new T[kgroups * a.G * a.Tq * a.d]);
+    pl.reset(new T[kgroups * a.G * a.Tq]);
   }
-  T *o = out.data_ptr<T>(), *l = lse.data_ptr<T>(), *po_p = po.data(), *pl_p = pl.data();
+  T *o = out.data_ptr<T>(), *l = lse.data_ptr<T>(), *po_p = po.get(), *pl_p = pl.get();
   auto* fn = isa() == kAvx512 ? &forward_unit_avx512<T>
              : isa() == kAvx2  ? &forward_unit_avx2<T> : &forward_unit_base<T>;
   varformer_cpu::run_blocks<FlushedScratch<T>>(
@@ -974,9 +976,10 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const int64_t groups = std::min(blocks, std::max<int64_t>(1, (kGroups + a.G - 1) / a.G));
   const int64_t units = a.G * groups;
   const int64_t part_rows = groups == 1 ? 0 : (by_q ? 2 * a.Tk : a.Tq);
-  std::vector<T> part(groups * a.G * part_rows * a.d);
+  // uninitialised: each group overwrites every row of its partial before accumulating into it
+  std::unique_ptr<T[]> part(groups == 1 ? nullptr : new T[groups * a.G * part_rows * a.d]);
   T *dq_p = dq.data_ptr<T>(), *dk_p = dk.data_ptr<T>(), *dv_p = dv.data_ptr<T>();
-  T* part_p = part.data();
+  T* part_p = part.get();
   auto* fn = isa() == kAvx512 ? &backward_unit_avx512<T>
              : isa() == kAvx2  ? &backward_unit_avx2<T> : &backward_unit_base<T>;
   const double macs = 5.0 * a.G * a.Tq * a.Tk * a.d;
