@@ -280,8 +280,7 @@ class MultiScaleQuantizer(nn.Module):
             P, M = self._scale_maps(ph, pw, H, W)
             n = ph * pw
             z = f_rest if (ph, pw) == (H, W) else torch.matmul(P, f_rest)     # [B, n, C]
-            # the nearest code is piecewise constant in z: no gradient flows through the search
-            idx, _, codes = _vq._lookup_csrc(z.detach().view(-1, C), E, sq, True)
+            idx, _, codes = _vq._lookup_csrc(z.view(-1, C), E, sq, True)
             codes = codes.view(B, n, C)
             h = codes if si == SN - 1 else torch.matmul(M.T, codes)             # [B, H·W, C]
             phi = self._phi(si, SN)

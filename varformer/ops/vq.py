@@ -84,6 +84,8 @@ def _lookup_csrc(z, codebook, en, with_codes):
                             "bfloat16 inputs (fp32 distances), not float64")
     if en is None:      # on CPU the C++ op computes |e|² itself (no extra torch op per call)
         en = sqnorm(codebook) if z.device.type == "cuda" else z.new_empty(0, dtype=ct)
+    # the C++ op has no gradient (the nearest code is piecewise constant): never record it
+    z, codebook, en = z.detach(), codebook.detach(), en.detach()
     idx, dist, codes = _ext.lookup(z.to(ct).contiguous(), codebook.to(ct).contiguous(),
                                    en.to(ct).contiguous(), with_codes)
     return idx, dist, codes.to(codebook.dtype)
