@@ -49,6 +49,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace varformer_attention {
@@ -78,16 +79,35 @@ struct View {
 // buffer (the transposed products pᵀ dO, dsᵀ q) does not map every row to the same cache sets.
 inline int64_t score_ld(int64_t keys) { return (keys + 15) / 16 * 16 + 16; }
 
+// std::allocator that leaves elements default-initialised (for T = float / double: not
+// written), so that sizing a buffer does not fill it with zeros.
+template <typename T>
+struct UninitAlloc : std::allocator<T> {
+  template <typename U>
+  struct rebind { using other = UninitAlloc<U>; };
+  UninitAlloc() = default;
+  template <typename U>
+  UninitAlloc(const UninitAlloc<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept { ::new (static_cast<void*>(p)) U; }
+  template <typename U, typename... A>
+  void construct(U* p, A&&... args) { ::new (static_cast<void*>(p)) U(std::forward<A>(args)...); }
+};
+template <typename T>
+using Buf = std::vector<T, UninitAlloc<T>>;
+
+// A worker's buffers for one call, uninitialised: every element is written before it is read
+// (zero-filling them, 0.3-1 MB per worker and call, took longer than a small call's work).
 template <typename T>
 struct Scratch {
-  std::vector<T> s, dp;      // scores / probabilities, and dp / ds, [kQB][score_ld]
-  std::vector<T> kt, vt;     // the unit's key chunk as packed panels of kᵀ and vᵀ [d][keys]
-  std::vector<T> kp, vp;     // ... and of k and v [keys][d]
+  Buf<T> s, dp;      // scores / probabilities, and dp / ds, [kQB][score_ld]
+  Buf<T> kt, vt;     // the unit's key chunk as packed panels of kᵀ and vᵀ [d][keys]
+  Buf<T> kp, vp;     // ... and of k and v [keys][d]
   T *ktp = nullptr, *vtp = nullptr, *kpp = nullptr, *vpp = nullptr;   // their aligned starts
-  std::vector<T> edge;       // B packed by gemm(): one panel [K][kNR] (all of them: avx512)
-  std::vector<T> apk;        // avx512: A packed by register tiles, [tiles][K][kMR5]
-  std::vector<T> row0;       // per-row values of a tile (delta)
-  std::vector<T> sums;       // forward: running row sums of a unit's query rows
+  Buf<T> edge;       // B packed by gemm(): one panel [K][kNR] (all of them: avx512)
+  Buf<T> apk;        // avx512: A packed by register tiles, [tiles][K][kMR5]
+  Buf<T> row0;       // per-row values of a tile (delta)
+  Buf<T> sums;       // forward: running row sums of a unit's query rows
   Scratch() : s(kQB * score_ld(kKC)), dp(kQB * score_ld(kKC)), row0(kQB) {}
 };
 
@@ -307,7 +327,7 @@ VF_AVX512 void gemm_packed_avx512(int64_t M, int64_t N, int64_t K, float alpha,
 
 // A 64-byte aligned buffer of at least n elements inside v (grown as needed).
 template <typename T>
-VF_INLINE T* aligned(std::vector<T>& v, int64_t n) {
+VF_INLINE T* aligned(Buf<T>& v, int64_t n) {
   const size_t want = static_cast<size_t>(n) + 64 / sizeof(T);
   if (v.size() < want) v.resize(want);
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
