@@ -279,7 +279,7 @@ VF_AVX512 __attribute__((noinline)) void tile_avx512(int64_t K, const float* __r
 // floats per k, row-major edge tiles by 16 x 16 transposes (12 lanes kept).
 VF_AVX512 void gemm_packed_avx512(int64_t M, int64_t N, int64_t K, float alpha,
                                   const View<float>& A, const float* panels, float beta,
-                                  float* C, int64_t ldc, float* __restrict apk) {
+                                  float* C, int64_t ldc, float* __restrict apk, bool prefetch_c) {
   const int64_t pstride = K * kNR;
   const auto in_place = [&](int64_t mr) {
     return mr == kMR5 && (A.cs == 1 || (A.rs == 1 && N <= 2 * kNR));
@@ -309,6 +309,12 @@ VF_AVX512 void gemm_packed_avx512(int64_t M, int64_t N, int64_t K, float alpha,
     for (int64_t m0 = 0; m0 < M; m0 += kMR5) {
       const int64_t mr = std::min(kMR5, M - m0);
       float* c = C + m0 * ldc + n0;
+      if (prefetch_c)   // C rows are read back after the K loop: fetch them while it runs
+        for (int64_t i = 0; i < mr; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+          if (nr > kNR)
+            _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + kNR), _MM_HINT_T0);
+        }
       if (in_place(mr)) {
         const float* ar = A.p + m0 * A.rs;
         if (nr > kNR)
@@ -372,13 +378,16 @@ VF_INLINE void pack_panels(const T* src, int64_t rs, int64_t cs, int64_t K, int6
 // C [M, N] (row stride ldc) = alpha A B + beta C; A [M, K] a strided view, B given as packed
 // panels (pack_panels); beta 0 never reads C. Each panel runs against all kMR-row tiles of A;
 // the last tile re-reads A's last row (results dropped). kIsa selects the float32 register tile.
+// prefetch_c: each tile's C rows are prefetched before its K loop (where beta reads C from L2 or
+// memory: the backward's dq / dk / dv accumulations, 2-5% of a backward stage).
 template <typename T, int kIsa>
 VF_INLINE void gemm_packed(int64_t M, int64_t N, int64_t K, T alpha, const View<T>& A,
-                           const T* panels, T beta, T* C, int64_t ldc, Scratch<T>& sc) {
+                           const T* panels, T beta, T* C, int64_t ldc, Scratch<T>& sc,
+                           bool prefetch_c = false) {
 #if defined(__x86_64__) || defined(__i386__)
   if constexpr (kIsa == kAvx512 && std::is_same<T, float>::value) {
     gemm_packed_avx512(M, N, K, alpha, A, panels, beta, C, ldc,
-                       aligned(sc.apk, (M + kMR5 - 1) / kMR5 * kMR5 * K));
+                       aligned(sc.apk, (M + kMR5 - 1) / kMR5 * kMR5 * K), prefetch_c);
     return;
   }
 #endif
@@ -391,6 +400,9 @@ VF_INLINE void gemm_packed(int64_t M, int64_t N, int64_t K, T alpha, const View<
       const int64_t mr = std::min(kMR, M - m0);
       for (int64_t i = 0; i < kMR; ++i) rows[i] = A.p + std::min(m0 + i, M - 1) * A.rs;
 #if defined(__x86_64__) || defined(__i386__)
+      if (prefetch_c)   // as in gemm_packed_avx512
+        for (int64_t i = 0; i < mr; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(C + (m0 + i) * ldc + n0), _MM_HINT_T0);
       if constexpr (kIsa == kAvx2 && std::is_same<T, float>::value)
         tile_avx2(K, rows, A.cs, bp, kNR, acc);
       else tile_generic(K, rows, A.cs, bp, kNR, acc);
@@ -416,18 +428,19 @@ VF_INLINE void gemm_packed(int64_t M, int64_t N, int64_t K, T alpha, const View<
 // at once for the AVX-512 tile (which runs two panels).
 template <typename T, int kIsa>
 VF_INLINE void gemm(int64_t M, int64_t N, int64_t K, T alpha, const View<T>& A, const T* B,
-                    int64_t ldb, T beta, T* C, int64_t ldc, Scratch<T>& sc) {
+                    int64_t ldb, T beta, T* C, int64_t ldc, Scratch<T>& sc,
+                    bool prefetch_c = false) {
   if constexpr (kIsa == kAvx512 && std::is_same<T, float>::value) {
     T* bp = aligned(sc.edge, K * ((N + kNR - 1) / kNR * kNR));
     pack_panels(B, ldb, int64_t(1), K, N, bp);
-    gemm_packed<T, kIsa>(M, N, K, alpha, A, bp, beta, C, ldc, sc);
+    gemm_packed<T, kIsa>(M, N, K, alpha, A, bp, beta, C, ldc, sc, prefetch_c);
     return;
   }
   T* bp = aligned(sc.edge, K * kNR);
   for (int64_t n0 = 0; n0 < N; n0 += kNR) {
     const int64_t nr = std::min(kNR, N - n0);
     pack_panels(B + n0, ldb, int64_t(1), K, nr, bp);
-    gemm_packed<T, kIsa>(M, nr, K, alpha, A, bp, beta, C + n0, ldc, sc);
+    gemm_packed<T, kIsa>(M, nr, K, alpha, A, bp, beta, C + n0, ldc, sc, prefetch_c);
   }
 }
 
@@ -663,7 +676,7 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
   exp_rows<T, kIsa>(p, rows, keys, ls, lse, static_cast<T*>(nullptr));
   // dv = pᵀ dO
   gemm<T, kIsa>(keys, d, rows, T(1), View<T>{p, 1, ls}, dO, d, acc_kv ? T(1) : T(0), dv, d,
-                 sc);
+                 sc, acc_kv);
   // ds = p (dO vᵀ - delta)
   T* __restrict ds = sc.dp.data();
   gemm_packed<T, kIsa>(rows, keys, d, T(1), View<T>{dO, d, 1}, sc.vtp, T(0), ds, ls, sc);
@@ -675,9 +688,9 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
     for (int64_t j = 0; j < keys; ++j) r[j] = pr[j] * (r[j] - di);
   }
   gemm_packed<T, kIsa>(rows, d, keys, a.scale, View<T>{ds, ls, 1}, sc.kpp, acc_q ? T(1) : T(0),
-                       dq, d, sc);
+                       dq, d, sc, acc_q);
   gemm<T, kIsa>(keys, d, rows, a.scale, View<T>{ds, 1, ls}, q, d, acc_kv ? T(1) : T(0), dk, d,
-                 sc);
+                 sc, acc_kv);
 }
 
 // Set-up of backward_few_rows for head g, once per unit: delta and lse padded to kNR rows
