@@ -12,13 +12,15 @@
 //   avx512  12 x 32 (two panels): 24 zmm accumulators, per k two loads and 12 broadcasts; A
 //           read in place where row-major, else packed as [K][12] (16 x 16 zmm transposes for
 //           the transposed operands); edges by masked stores
-//   avx2    6 x 16, A read in place: 12 ymm accumulators, per k two loads and 6 broadcasts
+//   avx2    6 x 16, A read in place: 12 ymm accumulators, per k two loads and 6 broadcasts,
+//           the k loop unrolled by two and C written from the registers (full tiles)
 //   portable (float64, other CPUs) 6 x 16, vectorised by the compiler.
 //
 // Forward: one tile per unit, exact softmax over its key chunk; with several chunks each writes a
 // partial output and log-sum-exp, merged in chunk order; with Tq <= 16 (few mediators over many
 // keys) it computes sᵀ = k qᵀ instead, key rows read in place (forward_few_rows), and so does the
-// backward (backward_few_rows). Backward: recomputes P = exp(s - lse);
+// backward (backward_few_rows). Backward: recomputes P = exp(s - lse), the row term
+// delta = rowsum(dO o) once per call;
 // units own either fixed groups of query blocks (dq exact, dk/dv one partial per group) or of
 // key chunks (dk/dv exact, dq one partial per group), whichever side has more blocks; partials
 // are summed in group order, so results do not depend on the thread count.
@@ -108,7 +110,10 @@ struct Scratch {
   Buf<T> apk;        // avx512: A packed by register tiles, [tiles][K][kMR5]
   Buf<T> row0;       // per-row values of a tile (delta)
   Buf<T> sums;       // forward: running row sums of a unit's query rows
-  Scratch() : s(kQB * score_ld(kKC)), dp(kQB * score_ld(kKC)), row0(kQB) {}
+  // score buffers with room for a 64-byte aligned start (aligned() then never regrows them)
+  Scratch()
+      : s(kQB * score_ld(kKC) + 64 / sizeof(T)), dp(kQB * score_ld(kKC) + 64 / sizeof(T)),
+        row0(kQB) {}
 };
 
 // ------------------------------------------------------------------------------ GEMM
@@ -168,6 +173,55 @@ VF_AVX2 __attribute__((noinline)) void tile_avx2(int64_t K, const float* const* 
   _mm256_storeu_ps(acc + 48, c30); _mm256_storeu_ps(acc + 56, c31);
   _mm256_storeu_ps(acc + 64, c40); _mm256_storeu_ps(acc + 72, c41);
   _mm256_storeu_ps(acc + 80, c50); _mm256_storeu_ps(acc + 88, c51);
+}
+
+// One k of tile_avx2_full: rows 3j..3j+2 of A at q0 / q3 + {0, rs, rs2}, B row bk [16].
+VF_AVX2 VF_INLINE void step_avx2(const float* bk, const float* q0, const float* q3, int64_t rs,
+                                 int64_t rs2, __m256* c0, __m256* c1) {
+  const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
+#pragma GCC unroll 6
+  for (int i = 0; i < kMR; ++i) {
+    const float* q = i < 3 ? q0 : q3;
+    const int j = i % 3;
+    const __m256 x = _mm256_broadcast_ss(q + (j == 0 ? 0 : (j == 1 ? rs : rs2)));
+    c0[i] = _mm256_fmadd_ps(x, b0, c0[i]);
+    c1[i] = _mm256_fmadd_ps(x, b1, c1[i]);
+  }
+}
+
+// The full 6 x 16 AVX2 tile with A read in place as A(i, k) = a[i * rs + k * cs] (two row
+// pointers, rows 3j..3j+2 at {0, rs, 2 rs}), the k loop unrolled by two, and C rows [0, 6) x
+// [0, 16) (row stride ldc) = alpha acc + beta C written from the registers (beta 0: C not
+// read). Unrolled, the loop has half the scalar uops per FMA (on Intel cores they share ports
+// 0/1 with the FMAs): 1.05-1.10x the rolled tile in a stand-alone loop; in the kernel 3-9% on
+// small stages, nothing measurable at d = 160 (NOTES.md, 2026-12-07). Edge tiles: tile_avx2.
+VF_AVX2 __attribute__((noinline)) void tile_avx2_full(int64_t K, const float* a, int64_t rs,
+                                                      int64_t cs, const float* __restrict b,
+                                                      float alpha, float beta, float* C,
+                                                      int64_t ldc) {
+  __m256 c0[kMR], c1[kMR];
+#pragma GCC unroll 6
+  for (int i = 0; i < kMR; ++i) { c0[i] = _mm256_setzero_ps(); c1[i] = _mm256_setzero_ps(); }
+  const float *p0 = a, *p3 = a + 3 * rs;
+  const int64_t rs2 = 2 * rs;
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2, b += 2 * kNR, p0 += 2 * cs, p3 += 2 * cs) {
+    step_avx2(b, p0, p3, rs, rs2, c0, c1);
+    step_avx2(b + kNR, p0 + cs, p3 + cs, rs, rs2, c0, c1);
+  }
+  if (k < K) step_avx2(b, p0, p3, rs, rs2, c0, c1);
+  const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+#pragma GCC unroll 6
+  for (int i = 0; i < kMR; ++i) {
+    float* r = C + i * ldc;
+    __m256 y0 = _mm256_mul_ps(va, c0[i]), y1 = _mm256_mul_ps(va, c1[i]);
+    if (beta != 0.0f) {
+      y0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(r), y0);
+      y1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(r + 8), y1);
+    }
+    _mm256_storeu_ps(r, y0);
+    _mm256_storeu_ps(r + 8, y1);
+  }
 }
 #endif
 
@@ -403,9 +457,16 @@ VF_INLINE void gemm_packed(int64_t M, int64_t N, int64_t K, T alpha, const View<
       if (prefetch_c)   // as in gemm_packed_avx512
         for (int64_t i = 0; i < mr; ++i)
           _mm_prefetch(reinterpret_cast<const char*>(C + (m0 + i) * ldc + n0), _MM_HINT_T0);
-      if constexpr (kIsa == kAvx2 && std::is_same<T, float>::value)
+      if constexpr (kIsa == kAvx2 && std::is_same<T, float>::value) {
+        if (mr == kMR && nr == kNR) {
+          tile_avx2_full(K, A.p + m0 * A.rs, A.rs, A.cs, bp, alpha, beta, C + m0 * ldc + n0,
+                         ldc);
+          continue;
+        }
         tile_avx2(K, rows, A.cs, bp, kNR, acc);
-      else tile_generic(K, rows, A.cs, bp, kNR, acc);
+      } else {
+        tile_generic(K, rows, A.cs, bp, kNR, acc);
+      }
 #else
       tile_generic(K, rows, A.cs, bp, kNR, acc);
 #endif
@@ -576,6 +637,7 @@ struct Args {
   int64_t G, Tq, Tk, d, nqb, nkc;
   T scale;
   const T *q, *k, *v, *dout, *out, *lse;
+  const T* delta;   // backward: [G][Tq] row sums of dout * out
 };
 
 // Loads the key chunk kc of head g as packed panels (forward: kᵀ and v; backward: kᵀ, vᵀ and
@@ -608,7 +670,7 @@ VF_INLINE void forward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t key
                             T* o, T* mx, T* sum, Scratch<T>& sc) {
   const int64_t d = a.d, r0 = qb * kQB, rows = std::min(kQB, a.Tq - r0), ls = score_ld(keys);
   const T* q = a.q + (g * a.Tq + r0) * d;
-  T* __restrict s = sc.s.data();
+  T* __restrict s = aligned(sc.s, kQB * score_ld(kKC));
   gemm_packed<T, kIsa>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.ktp, T(0), s, ls, sc);
   alignas(64) T m[kQB], acc[kQB];
   for (int64_t i = 0; i < rows; ++i) {
@@ -666,19 +728,17 @@ VF_INLINE void backward_tile(const Args<T>& a, int64_t g, int64_t qb, int64_t kc
   const int64_t d = a.d, r0 = qb * kQB, rows = std::min(kQB, a.Tq - r0), ls = score_ld(keys);
   const T* q = a.q + (g * a.Tq + r0) * d;
   const T* dO = a.dout + (g * a.Tq + r0) * d;
-  const T* o = a.out + (g * a.Tq + r0) * d;
   const T* lse = a.lse + g * a.Tq + r0;
-  T* __restrict delta = sc.row0.data();
-  row_dots(dO, o, rows, d, delta);
+  const T* __restrict delta = a.delta + g * a.Tq + r0;
   // p = exp(scale q kᵀ - lse)
-  T* __restrict p = sc.s.data();
+  T* __restrict p = aligned(sc.s, kQB * score_ld(kKC));
   gemm_packed<T, kIsa>(rows, keys, d, a.scale, View<T>{q, d, 1}, sc.ktp, T(0), p, ls, sc);
   exp_rows<T, kIsa>(p, rows, keys, ls, lse, static_cast<T*>(nullptr));
   // dv = pᵀ dO
   gemm<T, kIsa>(keys, d, rows, T(1), View<T>{p, 1, ls}, dO, d, acc_kv ? T(1) : T(0), dv, d,
                  sc, acc_kv);
   // ds = p (dO vᵀ - delta)
-  T* __restrict ds = sc.dp.data();
+  T* __restrict ds = aligned(sc.dp, kQB * score_ld(kKC));
   gemm_packed<T, kIsa>(rows, keys, d, T(1), View<T>{dO, d, 1}, sc.vtp, T(0), ds, ls, sc);
   for (int64_t i = 0; i < rows; ++i) {
     T* __restrict r = ds + i * ls;
@@ -704,7 +764,7 @@ VF_INLINE void few_rows_setup(const Args<T>& a, int64_t g, Scratch<T>& sc) {
   T* delta = sc.row0.data();
   T* lse = delta + kNR;
   std::fill(delta, delta + 2 * kNR, T(0));
-  row_dots(dO, a.out + g * tq * d, tq, d, delta);
+  std::copy(a.delta + g * tq, a.delta + (g + 1) * tq, delta);
   std::copy(a.lse + g * tq, a.lse + (g + 1) * tq, lse);
   sc.ktp = aligned(sc.kt, d * kNR);
   sc.vtp = aligned(sc.vt, d * kNR);
@@ -1004,6 +1064,13 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   Args<T> a = make_args<T>(q, k, v, scale);
   a.dout = dout.data_ptr<T>(); a.out = out.data_ptr<T>(); a.lse = lse.data_ptr<T>();
+  // the row term delta = rowsum(dout * out), once per call (every key chunk's tiles use it)
+  std::unique_ptr<T[]> delta(new T[a.G * a.Tq]);
+  varformer_cpu::run_range(a.G * a.Tq, std::max<int64_t>(1, 16384 / a.d),
+                           varformer_cpu::thread_budget(), [&](int64_t r0, int64_t r1) {
+    row_dots(a.dout + r0 * a.d, a.out + r0 * a.d, r1 - r0, a.d, delta.get() + r0);
+  });
+  a.delta = delta.get();
   const bool by_q = a.nqb >= a.nkc;
   const int64_t blocks = by_q ? a.nqb : a.nkc;
   const int64_t groups = std::min(blocks, std::max<int64_t>(1, (kGroups + a.G - 1) / a.G));
