@@ -98,6 +98,10 @@ struct UninitAlloc : std::allocator<T> {
 template <typename T>
 using Buf = std::vector<T, UninitAlloc<T>>;
 
+// Elements a Buf needs for n of them from a 64-byte aligned start (aligned(), below).
+template <typename T>
+constexpr size_t aligned_capacity(int64_t n) { return static_cast<size_t>(n) + 64 / sizeof(T); }
+
 // A worker's buffers for one call, uninitialised: every element is written before it is read
 // (zero-filling them, 0.3-1 MB per worker and call, took longer than a small call's work).
 template <typename T>
@@ -108,12 +112,12 @@ struct Scratch {
   T *ktp = nullptr, *vtp = nullptr, *kpp = nullptr, *vpp = nullptr;   // their aligned starts
   Buf<T> edge;       // B packed by gemm(): one panel [K][kNR] (all of them: avx512)
   Buf<T> apk;        // avx512: A packed by register tiles, [tiles][K][kMR5]
-  Buf<T> row0;       // per-row values of a tile (delta)
+  Buf<T> row0;       // few-rows backward: delta and lse padded to kNR rows each
   Buf<T> sums;       // forward: running row sums of a unit's query rows
-  // score buffers with room for a 64-byte aligned start (aligned() then never regrows them)
+  // score buffers sized for aligned() (which then never regrows them)
   Scratch()
-      : s(kQB * score_ld(kKC) + 64 / sizeof(T)), dp(kQB * score_ld(kKC) + 64 / sizeof(T)),
-        row0(kQB) {}
+      : s(aligned_capacity<T>(kQB * score_ld(kKC))), dp(aligned_capacity<T>(kQB * score_ld(kKC))),
+        row0(2 * kNR) {}
 };
 
 // ------------------------------------------------------------------------------ GEMM
@@ -388,7 +392,7 @@ VF_AVX512 void gemm_packed_avx512(int64_t M, int64_t N, int64_t K, float alpha,
 // A 64-byte aligned buffer of at least n elements inside v (grown as needed).
 template <typename T>
 VF_INLINE T* aligned(Buf<T>& v, int64_t n) {
-  const size_t want = static_cast<size_t>(n) + 64 / sizeof(T);
+  const size_t want = aligned_capacity<T>(n);
   if (v.size() < want) v.resize(want);
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
 }
