@@ -456,21 +456,24 @@ VF_INLINE void gemm_packed(int64_t M, int64_t N, int64_t K, T alpha, const View<
     const T* bp = panels + (n0 / kNR) * K * kNR;
     for (int64_t m0 = 0; m0 < M; m0 += kMR) {
       const int64_t mr = std::min(kMR, M - m0);
-      for (int64_t i = 0; i < kMR; ++i) rows[i] = A.p + std::min(m0 + i, M - 1) * A.rs;
 #if defined(__x86_64__) || defined(__i386__)
       if (prefetch_c)   // as in gemm_packed_avx512
         for (int64_t i = 0; i < mr; ++i)
           _mm_prefetch(reinterpret_cast<const char*>(C + (m0 + i) * ldc + n0), _MM_HINT_T0);
       if constexpr (kIsa == kAvx2 && std::is_same<T, float>::value) {
-        if (mr == kMR && nr == kNR) {
+        if (mr == kMR && nr == kNR) {   // full tile: A by strides, C from the registers
           tile_avx2_full(K, A.p + m0 * A.rs, A.rs, A.cs, bp, alpha, beta, C + m0 * ldc + n0,
                          ldc);
           continue;
         }
-        tile_avx2(K, rows, A.cs, bp, kNR, acc);
-      } else {
-        tile_generic(K, rows, A.cs, bp, kNR, acc);
       }
+#endif
+      // edge tiles (and the portable tile): row pointers, the last row repeated past M
+      for (int64_t i = 0; i < kMR; ++i) rows[i] = A.p + std::min(m0 + i, M - 1) * A.rs;
+#if defined(__x86_64__) || defined(__i386__)
+      if constexpr (kIsa == kAvx2 && std::is_same<T, float>::value)
+        tile_avx2(K, rows, A.cs, bp, kNR, acc);
+      else tile_generic(K, rows, A.cs, bp, kNR, acc);
 #else
       tile_generic(K, rows, A.cs, bp, kNR, acc);
 #endif
